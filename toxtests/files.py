@@ -1,0 +1,72 @@
+"""Atomic writes and remembered file fingerprints: nothing half-written, nothing hashed twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_fingerprints: dict[tuple[str, int, int], str] = {}
+_lock = threading.Lock()
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it.
+
+    A reader sees the old file or the new one, never a torn write, even if the process
+    is killed half-way (the temporary file is left behind, never the target).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: object) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so large weights hash once."""
+    file = Path(path).resolve()
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key in _fingerprints:
+            return _fingerprints[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _lock:
+        _fingerprints[key] = value
+    return value
+
+
+def fingerprint_tree(path: str | Path, suffixes: tuple[str, ...] | None = None) -> str:
+    """Hash of every file under a directory (names and contents), in a fixed order."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        if suffixes and file.suffix not in suffixes:
+            continue
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        digest.update(sha256_file(file).encode() + b"\0")
+    return digest.hexdigest()
