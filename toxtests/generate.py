@@ -1,0 +1,204 @@
+"""Batched, left-padded, length-bucketed generation with common random numbers.
+
+Sample j of prompt p draws its tokens from uniforms seeded by (seed, p, j) alone, so
+the parent and every adapter see the same random numbers: an adapter that changes
+nothing produces the same text, and a paired comparison sees only its real effect.
+The continuation is cut at the token level (new token ids decoded on their own), never
+by character count of a re-decoded string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from toxtests.config import GenerationConfig
+from toxtests.errors import GenerationError
+from toxtests.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_id: str
+    sample: int
+    text: str
+    tokens: int  # new tokens generated, EOS excluded
+
+
+def sample_uniforms(seed: int, prompt_id: str, sample: int, steps: int) -> np.ndarray:
+    """The uniforms of one (prompt, sample): independent of model, adapter and batch."""
+    digest = hashlib.sha256(f"{seed}\0{prompt_id}\0{sample}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.random(steps)
+
+
+def render_prompt(tokenizer: Any, text: str, chat_template: bool) -> str:
+    if not chat_template:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError(
+            "generation.chat_template = true but the tokenizer has no chat template; "
+            "set it to false for base models"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def context_length(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def auto_batch_size(model: Any, device: str) -> int:
+    """A batch size from free memory: large batches amortise the weights' reads."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(max(8, min(256, free // (512 << 20))))
+    return 32
+
+
+class Generator:
+    """Generates continuations for prompts under the parent or one adapter."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationConfig, device: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = device
+        self.batch_size = settings.batch_size or auto_batch_size(model, device)
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        for source in (self.tokenizer, getattr(self.model, "generation_config", None)):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return sorted(ids)
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        """The parent is the base with adapters disabled; an adapter is switched in."""
+        model = self.model
+        if not hasattr(model, "disable_adapter"):
+            if adapter is not None:
+                raise GenerationError(f"adapter {adapter!r} requested but no adapter is loaded")
+            return nullcontext()
+        if adapter is None:
+            return model.disable_adapter()
+        model.set_adapter(adapter)
+        return nullcontext()
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        adapter: str | None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Generation]]:
+        """Continuations indexed [prompt][sample], in the order of `prompts`."""
+        import torch
+
+        settings = self.settings
+        encoded = [
+            self.tokenizer(render_prompt(self.tokenizer, p.text, settings.chat_template))["input_ids"]
+            for p in prompts
+        ]
+        limit = settings.max_prompt_tokens or context_length(self.model) - settings.max_new_tokens
+        for prompt, ids in zip(prompts, encoded):
+            if len(ids) > limit:
+                raise GenerationError(
+                    f"prompt {prompt.id} has {len(ids)} tokens, more than the {limit} allowed "
+                    "(context minus max_new_tokens); shorten it or raise generation.max_prompt_tokens"
+                )
+            if not ids:
+                raise GenerationError(f"prompt {prompt.id} tokenizes to nothing")
+        rows = [(i, j) for i in range(len(prompts)) for j in range(settings.samples)]
+        # Length bucketing: similar lengths share a batch, so little compute goes to padding.
+        rows.sort(key=lambda row: (len(encoded[row[0]]), row))
+        results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
+        with torch.inference_mode(), self._adapter_context(adapter):
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                texts, counts = self._generate_batch(
+                    [encoded[i] for i, _ in batch],
+                    [sample_uniforms(settings.seed, prompts[i].id, j, settings.max_new_tokens) for i, j in batch],
+                )
+                for (i, j), text, count in zip(batch, texts, counts):
+                    results[i][j] = Generation(prompts[i].id, j, text, count)
+                if progress:
+                    progress(len(batch))
+        return [[g for g in row if g is not None] for row in results]
+
+    def _generate_batch(
+        self, sequences: list[list[int]], uniforms: list[np.ndarray]
+    ) -> tuple[list[str], list[int]]:
+        import torch
+
+        from toxtests.sampling import sample_tokens
+
+        settings = self.settings
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq)
+            attention[row, width - len(seq) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        draws = torch.tensor(np.stack(uniforms), dtype=torch.float32, device=self.device)
+        eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
+        generated: list[torch.Tensor] = []
+        cache = None
+        step_ids, step_positions = input_ids, positions
+        for step in range(settings.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            if settings.do_sample:
+                tokens = sample_tokens(
+                    logits,
+                    draws[:, step],
+                    temperature=settings.temperature,
+                    top_k=settings.top_k,
+                    top_p=settings.top_p,
+                )
+            else:
+                tokens = logits.argmax(dim=-1)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            generated.append(tokens)
+            finished |= torch.isin(tokens, eos)
+            if bool(finished.all()):
+                break
+            step_ids = tokens.unsqueeze(-1)
+            step_positions = step_positions[:, -1:] + 1
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        new_tokens = torch.stack(generated, dim=1).tolist()
+        texts, counts = [], []
+        eos_set = set(self.eos_ids)
+        for row in new_tokens:
+            kept: list[int] = []
+            for token in row:
+                if token in eos_set:
+                    break
+                kept.append(token)
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+            counts.append(len(kept))
+        return texts, counts

