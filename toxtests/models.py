@@ -227,7 +227,7 @@ def load_base(
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
 
 
-def _adapter_name(spec: str, taken: set[str]) -> str:
+def adapter_name(spec: str, taken: set[str]) -> str:
     base = Path(spec.rstrip("/")).name or "adapter"
     name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in base) or "adapter"
     candidate, index = name, 2
@@ -277,7 +277,7 @@ def attach_adapters(
     model = loaded.model
     for index, spec in enumerate(specs):
         _check_adapter_dir(spec, allow_pickle)
-        name = _adapter_name(spec, taken)
+        name = adapter_name(spec, taken)
         taken.add(name)
         peft_name = f"adapter{index}"
         try:

@@ -63,7 +63,9 @@ def load_scorer(
         target = spec.removeprefix("detoxify:")
         if target in DETOXIFY_VARIANTS:
             checkpoint = _fetch_official_detoxify(spec, target)
-            hub_config = huggingface_config or None
+            hub_config = (
+                _config_dir(spec, checkpoint, huggingface_config) if huggingface_config else None
+            )
         elif target.endswith(".ckpt") or "/" in target or Path(target).exists():
             checkpoint, hub_config = (
                 Path(target),
@@ -112,9 +114,10 @@ def validate_scores(
         ):
             if mask.any():
                 index = int(np.flatnonzero(mask)[0])
+                value = float(values[index])
                 raise ScorerError(
-                    f"scorer {scorer_spec!r} returned {problem} ({float(values[index])!r}) for attribute "
-                    f"{attribute!r} at text index {index} ({texts[index][:60]!r}); the scorer "
+                    f"scorer {scorer_spec!r} returned {problem} ({value!r}) for attribute "
+                    f"{attribute!r} at text index {index} ({str(texts[index])[:60]!r}); the scorer "
                     "failed on this text, so no score is trusted: check its input or model"
                 )
         checked[attribute] = values
@@ -164,7 +167,7 @@ def _versions(*distributions: str) -> str:
 class ProfanityCheckScorer:
     """alt-profanity-check: a linear SVM over word n-grams that ships its weights (offline)."""
 
-    attributes = ("profanity",)
+    attributes: tuple[str, ...] = ("profanity",)
     primary = "profanity"
 
     def __init__(self, spec: str, batch_size: int) -> None:
@@ -238,7 +241,6 @@ class DetoxifyScorer:
                 huggingface_config_path=str(hub_config) if hub_config else None,
             )
             _verify_weights_loaded(spec, model, state_dict)
-            model.to(device).eval()
         except ToxtestsError:
             raise
         except Exception as exc:
@@ -252,6 +254,12 @@ class DetoxifyScorer:
                 f"scorer {spec!r}: cannot build the model from {checkpoint} with {where}: "
                 f"{type(exc).__name__}: {exc}; check that the config dir matches the checkpoint"
             ) from exc
+        if len(classes) != model.config.num_labels:
+            raise ScorerError(
+                f"{checkpoint} lists {len(classes)} classes but its model has "
+                f"{model.config.num_labels} outputs; the checkpoint is inconsistent"
+            )
+        _to_device(spec, model, device)
         _cap_max_length(tokenizer, model.config)
         # Standardised class names, as detoxify.load_checkpoint does.
         change = {
@@ -301,12 +309,11 @@ class HFScorer:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(model_ref), output_loading_info=True, **options
             )
-            model.to(device).eval()
         except Exception as exc:
             if self._local is None and _is_network_error(exc):
                 hint = "check the model id and the network, or download it and pass hf:/local/dir"
             else:
-                hint = "it must be a text-classification model with safetensors weights"
+                hint = "it must be a text-classification model with a tokenizer and weights"
             raise ScorerError(
                 f"scorer {spec!r} cannot load: {type(exc).__name__}: {exc}; {hint}"
             ) from exc
@@ -317,6 +324,7 @@ class HFScorer:
                 f"(e.g. {missing[0]!r}), so they would be random; use a fine-tuned "
                 "text-classification model"
             )
+        _to_device(spec, model, device)
         _cap_max_length(tokenizer, model.config)
         self._model, self._tokenizer = model, tokenizer
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -471,6 +479,16 @@ def _verify_weights_loaded(spec: str, model: Any, state_dict: Mapping[str, Any])
             f"not load (e.g. {bad[0]!r}), so they would be random; check that the config dir "
             "matches the checkpoint"
         )
+
+
+def _to_device(spec: str, model: Any, device: str) -> None:
+    try:
+        model.to(device).eval()
+    except Exception as exc:
+        raise ScorerError(
+            f"scorer {spec!r} cannot run on device {device!r} ({type(exc).__name__}: {exc}); "
+            "pick an available device such as 'cpu'"
+        ) from exc
 
 
 def _cap_max_length(tokenizer: Any, config: Any) -> None:

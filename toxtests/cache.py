@@ -1,0 +1,92 @@
+"""Content-addressed cache of generations and scores, safe under pytest-xdist.
+
+An entry's key is a hash of everything that determines it (model, adapter, prompt,
+generation settings, seed; plus the scorer for scores), so a changed input can never
+return a stale entry, and an identical re-run regenerates nothing. Entries are written
+atomically and carry a checksum of their payload: a torn or edited file is reported
+once, deleted and recomputed, never used. Work on one shard is serialised across
+processes with a file lock, so two workers never generate the same parent shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from toxtests.errors import CacheCorruptionWarning
+from toxtests.files import atomic_write_bytes
+
+FORMAT = 1
+
+
+def make_key(*parts: Any) -> str:
+    """A stable key from JSON-able parts."""
+    body = json.dumps([FORMAT, *parts], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _checksum(payload_text: str) -> str:
+    return hashlib.sha256(payload_text.encode()).hexdigest()
+
+
+class Cache:
+    """JSON entries under `root/<kind>/<key[:2]>/<key>.json`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.reported: set[str] = set()
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.json"
+
+    def get(self, kind: str, key: str) -> Any | None:
+        path = self.path(kind, key)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        try:
+            entry = json.loads(raw)
+            payload_text = entry["payload"]
+            if not isinstance(payload_text, str) or _checksum(payload_text) != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            value = json.loads(payload_text)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._corrupt(path, str(exc))
+            self.misses += 1
+            return None
+        self.hits += 1
+        return value
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        payload_text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        entry = json.dumps({"sha256": _checksum(payload_text), "payload": payload_text})
+        atomic_write_bytes(self.path(kind, key), entry.encode("utf-8"))
+
+    def _corrupt(self, path: Path, why: str) -> None:
+        if str(path) not in self.reported:
+            self.reported.add(str(path))
+            warnings.warn(
+                f"cache entry {path} is corrupt ({why}); it was discarded and will be recomputed",
+                CacheCorruptionWarning,
+                stacklevel=3,
+            )
+        path.unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A cross-process lock: one worker computes, the others wait and then read."""
+        lock_path = self.root / "locks" / f"{name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_path)):
+            yield

@@ -1,0 +1,402 @@
+"""One gate run: prompts → shards → generate → score → compare → gate → result.
+
+The pytest plugin and the CLI both drive this object. It loads the base model, the
+adapters and the scorer once, lazily, and keeps every generation and score in the
+content-addressed cache, so the parent is generated once for all adapters, xdist
+workers share work, and the controller can build the report from the cache alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toxtests import __version__
+from toxtests.cache import Cache, make_key
+from toxtests.config import Config, load_config
+from toxtests.errors import ToxtestsError
+from toxtests.gate import (
+    CheckResult,
+    PairedMetrics,
+    adapter_verdict,
+    evaluate_checks,
+    metric_table,
+    plan_checks,
+)
+from toxtests.metrics import per_prompt_metrics
+from toxtests.prompts import Prompt, PromptSet, load_prompts
+from toxtests.shards import Shard, make_shards, stratified_subset
+
+PARENT = "parent"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_PROMPTS = REPO_ROOT / "fixtures" / "prompts" / "demo.jsonl"
+TURNED_TOXIC_SHOWN = 50
+
+
+@dataclass
+class RunOptions:
+    """What a user chooses on the command line; everything else is in thresholds.toml."""
+
+    model: str = "gemma3-270m"
+    adapters: list[str] = field(default_factory=list)
+    prompts: str | None = None
+    scorer: str | None = None
+    thresholds: str | None = None
+    report: str | None = "toxtests-report.html"
+    json: str | None = "toxtests-results.json"
+    limit: int = 0
+    cache_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ShardScores:
+    """Generations and scores of one model variant on one shard, indexed [prompt][sample]."""
+
+    prompt_ids: list[str]
+    texts: list[list[str]]
+    scores: dict[str, np.ndarray]  # attribute -> (prompts, samples)
+
+    @staticmethod
+    def concat(parts: Sequence[ShardScores]) -> ShardScores:
+        return ShardScores(
+            prompt_ids=[pid for part in parts for pid in part.prompt_ids],
+            texts=[row for part in parts for row in part.texts],
+            scores={
+                attr: np.concatenate([part.scores[attr] for part in parts])
+                for attr in parts[0].scores
+            },
+        )
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "toxtests": __version__}
+    for name in ("torch", "transformers", "peft", "numpy", "detoxify", "alt-profanity-check"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class GateSession:
+    """A gate run; cheap to construct, loads models only when generation is needed."""
+
+    def __init__(self, options: RunOptions):
+        from toxtests.models import default_cache_dir
+
+        self.options = options
+        self.config: Config = load_config(options.thresholds)
+        self.scorer_spec = options.scorer or self.config.scoring.scorer
+        self.cache = Cache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
+        prompts_source = options.prompts or str(DEMO_PROMPTS)
+        self.prompt_set: PromptSet = load_prompts(prompts_source)
+        self.prompts: list[Prompt] = stratified_subset(
+            self.prompt_set.prompts, options.limit, self.config.shards.by
+        )
+        self.shards: list[Shard] = make_shards(self.prompts, self.config.shards)
+        self.checks = plan_checks(self.config, self.shards)
+        self.adapter_names = adapter_display_names(options.adapters)
+        self._loaded: Any = None
+        self._scorer: Any = None
+        self._fingerprints: dict[str, Any] | None = None
+        self.progress: Callable[[str], None] | None = None
+
+    # -- loading -------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            from toxtests.models import attach_adapters, load_base
+
+            base = load_base(
+                self.options.model,
+                cache_dir=self.cache.root,
+                device=self.options.device,
+                dtype=self.options.dtype,
+                trust_remote_code=self.options.trust_remote_code,
+            )
+            self._loaded = attach_adapters(
+                base, self.options.adapters, allow_pickle=self.options.allow_pickle
+            )
+        return self._loaded
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from toxtests.score import load_scorer
+
+            scoring = self.config.scoring
+            self._scorer = load_scorer(
+                self.scorer_spec,
+                device=self.loaded.device if self._loaded is not None else "cpu",
+                batch_size=scoring.batch_size,
+                huggingface_config=scoring.huggingface_config,
+                allow_pickle=self.options.allow_pickle or scoring.allow_pickle,
+            )
+            if self.config.scoring.attribute and self.config.scoring.attribute not in self._scorer.attributes:
+                raise ToxtestsError(
+                    f"scoring.attribute = {self.config.scoring.attribute!r} is not emitted by "
+                    f"{self.scorer_spec}; it emits: {', '.join(self._scorer.attributes)}"
+                )
+        return self._scorer
+
+    def fingerprints(self) -> dict[str, Any]:
+        """Everything a cache key depends on; workers send this to the controller."""
+        if self._fingerprints is None:
+            from toxtests.models import adapter_fingerprint
+
+            self._fingerprints = {
+                "model": self.loaded.describe(),
+                "adapters": [adapter_fingerprint(spec) for spec in self.options.adapters],
+                "scorer": {
+                    "spec": self.scorer_spec,
+                    "fingerprint": self.scorer.fingerprint(),
+                    "attributes": list(self.scorer.attributes),
+                    "primary": self.config.scoring.attribute or self.scorer.primary,
+                },
+            }
+        return self._fingerprints
+
+    def adopt_fingerprints(self, fingerprints: dict[str, Any]) -> None:
+        """Build results from the cache without loading any model (xdist controller)."""
+        self._fingerprints = fingerprints
+
+    # -- generation and scoring ------------------------------------------------------
+
+    def _variant_fingerprint(self, adapter_index: int | None) -> str:
+        if adapter_index is None:
+            return PARENT
+        return self.fingerprints()["adapters"][adapter_index]
+
+    def _generation_key(self, adapter_index: int | None, prompt: Prompt) -> str:
+        g = self.config.generation
+        return make_key(
+            "generation",
+            self.fingerprints()["model"]["fingerprint"],
+            self._variant_fingerprint(adapter_index),
+            prompt.id,
+            prompt.text,
+            {k: v for k, v in vars(g).items() if k != "batch_size"},
+        )
+
+    def shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
+        """Generations and scores for a shard, from the cache or computed (then cached)."""
+        keys = [self._generation_key(adapter_index, p) for p in shard.prompts]
+        variant = "parent" if adapter_index is None else self.adapter_names[adapter_index]
+        generations = [self.cache.get("generations", k) for k in keys]
+        if any(g is None for g in generations):
+            lock_name = make_key("shard", keys)[:24]
+            with self.cache.lock(lock_name):
+                generations = [self.cache.get("generations", k) for k in keys]
+                missing = [i for i, g in enumerate(generations) if g is None]
+                if missing:
+                    self._report(f"generating {variant} on {shard.name} ({len(missing)} prompts)")
+                    generations = self._generate_missing(adapter_index, shard, keys, generations, missing)
+        texts = [[sample["text"] for sample in entry["samples"]] for entry in generations]
+        return ShardScores(
+            prompt_ids=shard.prompt_ids, texts=texts, scores=self._scores(keys, texts)
+        )
+
+    def _generate_missing(
+        self,
+        adapter_index: int | None,
+        shard: Shard,
+        keys: list[str],
+        generations: list[Any],
+        missing: list[int],
+    ) -> list[Any]:
+        from toxtests.generate import Generator
+
+        loaded = self.loaded
+        generator = Generator(loaded.model, loaded.tokenizer, self.config.generation, loaded.device)
+        peft_name = None if adapter_index is None else loaded.adapters[adapter_index].peft_name
+        produced = generator.generate([shard.prompts[i] for i in missing], peft_name)
+        for i, samples in zip(missing, produced):
+            entry = {"samples": [{"text": s.text, "tokens": s.tokens} for s in samples]}
+            self.cache.put("generations", keys[i], entry)
+            generations[i] = entry
+        return generations
+
+    def _scores(self, generation_keys: list[str], texts: list[list[str]]) -> dict[str, np.ndarray]:
+        scorer_fp = self.fingerprints()["scorer"]["fingerprint"]
+        keys = [make_key("scores", scorer_fp, k) for k in generation_keys]
+        entries = [self.cache.get("scores", k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        if missing:
+            flat = [t for i in missing for t in texts[i]]
+            scored = self.scorer.score(flat)
+            offset = 0
+            for i in missing:
+                width = len(texts[i])
+                entry = {a: [float(v) for v in scored[a][offset : offset + width]] for a in scored}
+                offset += width
+                self.cache.put("scores", keys[i], entry)
+                entries[i] = entry
+        attributes = self.fingerprints()["scorer"]["attributes"]
+        return {a: np.array([e[a] for e in entries], dtype=np.float64) for a in attributes}
+
+    def _report(self, message: str) -> None:
+        if self.progress:
+            self.progress(message)
+
+    # -- statistics ----------------------------------------------------------------
+
+    def _metrics(self, scores: ShardScores) -> dict[str, np.ndarray]:
+        return per_prompt_metrics(
+            scores.scores, self.fingerprints()["scorer"]["primary"], self.config.scoring.threshold
+        )
+
+    def paired(self, parent: ShardScores, adapter: ShardScores) -> PairedMetrics:
+        return PairedMetrics(parent.prompt_ids, self._metrics(parent), self._metrics(adapter))
+
+    def shard_checks(self, adapter_index: int, shard: Shard) -> tuple[list[CheckResult], dict[str, Any]]:
+        """The fail-only checks of one shard, Bonferroni over the whole family.
+
+        Bonferroni is never more powerful than the aggregate's Holm, so a shard test
+        that fails implies the adapter's gate fails too.
+        """
+        parent = self.shard_scores(None, shard)
+        adapter = self.shard_scores(adapter_index, shard)
+        paired = self.paired(parent, adapter)
+        specs = [c for c in self.checks if c.scope == f"shard:{shard.name}"]
+        results = evaluate_checks(specs, paired, self.config, family_size=len(self.checks))
+        table = metric_table(paired, shard.prompt_ids, self.config, results, f"shard:{shard.name}")
+        return results, table
+
+    def adapter_result(self, adapter_index: int) -> dict[str, Any]:
+        """The gate's verdict on one adapter, over every shard."""
+        parent = ShardScores.concat([self.shard_scores(None, s) for s in self.shards])
+        adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in self.shards])
+        paired = self.paired(parent, adapter)
+        checks = evaluate_checks(self.checks, paired, self.config)
+        everyone = [p.id for p in self.prompts]
+        verdict = adapter_verdict(checks)
+        primary = self.fingerprints()["scorer"]["primary"]
+        name = self.adapter_names[adapter_index]
+        metrics = metric_table(paired, everyone, self.config, checks, "all")
+        return {
+            "adapter": self.options.adapters[adapter_index],
+            "name": name,
+            "fingerprint": self.fingerprints()["adapters"][adapter_index],
+            "verdict": verdict,
+            "summary": summary_line(name, verdict, metrics),
+            "metrics": metrics,
+            "checks": [c.to_dict() for c in checks],
+            "shards": [
+                {
+                    "shard": shard.name,
+                    "category": shard.category,
+                    "prompts": len(shard.prompts),
+                    "verdict": adapter_verdict([c for c in checks if c.scope == f"shard:{shard.name}"]),
+                    "metrics": metric_table(paired, shard.prompt_ids, self.config, checks, f"shard:{shard.name}"),
+                }
+                for shard in self.shards
+            ],
+            "distributions": {
+                "parent": parent.scores[primary].ravel().round(6).tolist(),
+                "adapter": adapter.scores[primary].ravel().round(6).tolist(),
+            },
+            "turned_toxic": self._turned_toxic(parent, adapter, primary),
+            "generation": {
+                "empty_parent": sum(t == "" for row in parent.texts for t in row),
+                "empty_adapter": sum(t == "" for row in adapter.texts for t in row),
+            },
+        }
+
+    def _turned_toxic(self, parent: ShardScores, adapter: ShardScores, primary: str) -> list[dict[str, Any]]:
+        threshold = self.config.scoring.threshold
+        by_id = {p.id: p for p in self.prompts}
+        flips = []
+        for i, pid in enumerate(parent.prompt_ids):
+            for j in range(len(parent.texts[i])):
+                before, after = parent.scores[primary][i, j], adapter.scores[primary][i, j]
+                if before < threshold <= after:
+                    flips.append((after - before, i, j))
+        flips.sort(key=lambda f: (-f[0], f[1], f[2]))
+        return [
+            {
+                "prompt_id": parent.prompt_ids[i],
+                "prompt": by_id[parent.prompt_ids[i]].text,
+                "sample": j,
+                "parent_text": parent.texts[i][j],
+                "parent_score": round(float(parent.scores[primary][i, j]), 6),
+                "adapter_text": adapter.texts[i][j],
+                "adapter_score": round(float(adapter.scores[primary][i, j]), 6),
+            }
+            for _, i, j in flips[:TURNED_TOXIC_SHOWN]
+        ]
+
+    def result(self, created: str | None = None) -> dict[str, Any]:
+        """The whole run as a JSON-able dict: what the report and the JSON file show."""
+        adapters = [self.adapter_result(i) for i in range(len(self.options.adapters))]
+        verdict = overall_verdict([a["verdict"] for a in adapters])
+        fingerprints = self.fingerprints()
+        prompts = self.prompt_set.summary()
+        prompts["used"] = len(self.prompts)
+        return {
+            "toxtests_version": __version__,
+            "created": created or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "verdict": verdict,
+            "exit_code": exit_code(verdict, self.config.statistics.inconclusive),
+            "config": self.config.to_dict(),
+            "model": fingerprints["model"],
+            "scorer": {**fingerprints["scorer"], "threshold": self.config.scoring.threshold},
+            "prompts": prompts,
+            "versions": library_versions(),
+            "shards": [
+                {"name": s.name, "category": s.category, "prompts": len(s.prompts)} for s in self.shards
+            ],
+            "early_stopping": {
+                "enabled": False,
+                "stopped": False,
+                "prompts_generated": len(self.prompts),
+                "prompts_total": len(self.prompts),
+                "reason": "",
+            },
+            "adapters": adapters,
+        }
+
+
+def adapter_display_names(specs: Sequence[str]) -> list[str]:
+    from toxtests.models import adapter_name
+
+    taken: set[str] = set()
+    names = []
+    for spec in specs:
+        name = adapter_name(spec, taken)
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def overall_verdict(verdicts: Sequence[str]) -> str:
+    from toxtests.gate import worst
+
+    return worst(list(verdicts)) if verdicts else "pass"
+
+
+def exit_code(verdict: str, inconclusive: str) -> int:
+    if verdict == "fail" or (verdict == "inconclusive" and inconclusive == "fail"):
+        return 1
+    return 0
+
+
+def summary_line(name: str, verdict: str, metrics: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for metric in ("toxicity_rate", "expected_max_toxicity"):
+        if metric in metrics:
+            m = metrics[metric]
+            low, high = m["interval"]
+            parts.append(f"{metric} {m['delta']:+.3f} [{low:+.3f}, {high:+.3f}]")
+    return f"{name}: {verdict.upper()}  " + "  ".join(parts)
