@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -140,7 +141,8 @@ class Config:
         }
 
     def fingerprint(self) -> str:
-        body = json.dumps({k: v for k, v in self.to_dict().items() if k != "source"}, sort_keys=True)
+        settings = {k: v for k, v in self.to_dict().items() if k != "source"}
+        body = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -178,14 +180,20 @@ def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
             return value
         want = "an integer"
     elif "float" in text:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # TOML allows nan and inf; a nan limit compares false and would never fail.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        want = "a number"
+        want = "a finite number"
     else:
         if isinstance(value, str):
             return value
         want = "a string"
     raise ConfigError(f"{where}: key {key!r} must be {want}, got {value!r}")
+
+
+def _name(key: str) -> str:
+    """A key as it may appear in a one-line message (quoted only when unprintable)."""
+    return key if key.isprintable() else json.dumps(key)
 
 
 def _build(cls: type, table: Any, where: str) -> Any:
@@ -212,19 +220,19 @@ def _build_rules(table: Any, where: str) -> dict[str, Rule]:
         raise ConfigError(f"{where}: expected a table of metrics, got {table!r}")
     rules: dict[str, Rule] = {}
     for metric, body in table.items():
-        if metric not in METRICS and not metric.startswith("rate:"):
+        if metric not in METRICS and not (metric.startswith("rate:") and metric[5:]):
             raise ConfigError(
                 f"{where}: unknown metric {metric!r}; {_did_you_mean(metric, METRICS)} "
                 "(or \"rate:<attribute>\" for one attribute's toxicity rate)"
             )
-        rule = _build(Rule, body, f"{where}.{metric}")
+        rule = _build(Rule, body, f"{where}.{_name(metric)}")
         if not rule.limits():
             raise ConfigError(
-                f"{where}.{metric}: sets no limit; give one of {', '.join(RULES)}"
+                f"{where}.{_name(metric)}: sets no limit; give one of {', '.join(RULES)}"
             )
         for name, limit in rule.limits().items():
             if limit < 0:
-                raise ConfigError(f"{where}.{metric}: {name} = {limit} must be >= 0")
+                raise ConfigError(f"{where}.{_name(metric)}: {name} = {limit} must be >= 0")
         rules[metric] = rule
     return rules
 
@@ -255,12 +263,16 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML ({exc}); check the quoting and brackets") from None
+        raise ConfigError(
+            f"{source}: not valid TOML ({exc}); check the quoting and brackets"
+        ) from None
     allowed = [*_SECTIONS, "gate"]
     sections: dict[str, Any] = {}
     for name, table in document.items():
         if name not in allowed:
-            raise ConfigError(f"{source}: unknown section [{name}]; {_did_you_mean(name, allowed)}")
+            raise ConfigError(
+                f"{source}: unknown section [{_name(name)}]; {_did_you_mean(name, allowed)}"
+            )
         if name != "gate":
             sections[name] = _build(_SECTIONS[name], table, f"{source} [{name}]")
     gate = DEFAULT_GATE
@@ -275,7 +287,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         gate = GateConfig(
             rules=_build_rules(metrics, f"{source} [gate]"),
             shard_rules={
-                str(cat): _build_rules(rules, f"{source} [gate.shard.{cat}]")
+                str(cat): _build_rules(rules, f"{source} [gate.shard.{_name(cat)}]")
                 for cat, rules in shard_table.items()
             },
         )
@@ -292,7 +304,9 @@ def load_config(path: str | Path | None) -> Config:
     try:
         text = file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ConfigError(f"{file}: thresholds file not found; pass an existing path or omit it") from None
+        raise ConfigError(
+            f"{file}: thresholds file not found; pass an existing path or omit it"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read thresholds file ({exc})") from None
     return parse_config(text, str(file))
@@ -306,7 +320,8 @@ def help_table() -> str:
             choices = spec.metadata.get("choices")
             extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
             default = json.dumps(spec.default)
-            lines.append(f"| `{section}.{spec.name}` | `{default}` | {spec.metadata['help']}{extra} |")
+            meaning = f"{spec.metadata['help']}{extra}"
+            lines.append(f"| `{section}.{spec.name}` | `{default}` | {meaning} |")
     for spec in fields(Rule):
         lines.append(f"| `gate.<metric>.{spec.name}` | unset | {spec.metadata['help']} |")
     return "\n".join(lines)

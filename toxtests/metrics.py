@@ -40,5 +40,14 @@ def per_prompt_metrics(
     }
     for attribute in sorted(scores):
         values = np.asarray(scores[attribute], dtype=np.float64)
+        # Every attribute is validated like the primary one: a NaN would otherwise count
+        # as "not toxic" and a misshapen array would misalign prompts in the comparison.
+        if values.shape != main.shape:
+            raise ValueError(
+                f"scores for {attribute!r} have shape {values.shape}, expected {main.shape} "
+                f"like {primary!r} (prompts, samples)"
+            )
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"scores for {attribute!r} contain NaN or infinite values")
         metrics[f"rate:{attribute}"] = (values >= threshold).mean(axis=1)
     return metrics

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,16 @@ PERSPECTIVE_ATTRIBUTES = (
     "insult",
 )
 HUB_SUBSETS = ("rtp:challenging", "rtp:all", "rtp:nontoxic")
+# Line breaks as editors count them. str.splitlines() also breaks at U+2028, U+0085,
+# form feeds etc., which json.dumps(ensure_ascii=False) leaves inside a record.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _split_lines(text: str) -> list[str]:
+    lines = _LINE_BREAK.split(text)
+    if lines[-1] == "":  # the final line break ends the last line; it starts none
+        lines.pop()
+    return lines
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,10 @@ def _float_attributes(table: dict[str, Any]) -> dict[str, float]:
     return {
         key: float(value)
         for key, value in table.items()
-        if key in PERSPECTIVE_ATTRIBUTES and isinstance(value, (int, float)) and value == value
+        if key in PERSPECTIVE_ATTRIBUTES
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
     }
 
 
@@ -130,9 +145,12 @@ def _decode(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        # The utf-8-sig codec reports positions in the bytes after the BOM.
+        before = exc.object[: exc.start]
+        line = len(_LINE_BREAK.split(before.decode("utf-8")))
+        offset = len(raw) - len(exc.object) + exc.start
         raise PromptFileError(
-            f"{path}:{line}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"
+            f"{path}:{line}: not valid UTF-8 (byte {offset}); re-save the file as UTF-8"
         ) from None
 
 
@@ -141,7 +159,7 @@ def parse_prompts(text: str, source: str, fmt: str) -> PromptSet:
     prompts: list[Prompt] = []
     skipped: list[SkippedLine] = []
     first_line_of: dict[str, int] = {}
-    lines = text.splitlines()
+    lines = _split_lines(text)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -183,7 +201,9 @@ def load_hub_prompts(name: str) -> PromptSet:  # pragma: no cover - needs the ne
     try:
         rows = datasets.load_dataset("allenai/real-toxicity-prompts", split="train")
     except Exception as exc:
-        raise PromptFileError(f"{name}: cannot load allenai/real-toxicity-prompts ({exc})") from None
+        raise PromptFileError(
+            f"{name}: cannot load allenai/real-toxicity-prompts ({exc})"
+        ) from None
     wanted = name.split(":", 1)[1]
     lines = []
     for row in rows:

@@ -52,7 +52,7 @@ def category_of(prompt: Prompt, scheme: str) -> str:
         if tox is None:
             return "tox-unscored"
         edges = (0.0, *TOXICITY_BINS, 1.0)
-        for low, high in zip(edges, edges[1:]):
+        for low, high in zip(edges[:-1], edges[1:], strict=True):
             if tox < high or high == 1.0:
                 return f"tox-{low:.2f}-{high:.2f}"
     if scheme == "attribute":

@@ -1,0 +1,277 @@
+"""Paired statistics: resampling weights, intervals, corrections, sample sizes, decisions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toxtests.compare import (
+    METHODS,
+    adjust,
+    bonferroni,
+    decide,
+    holm,
+    p_exceeds,
+    percentile_interval,
+    prompts_needed,
+    resample_weights,
+    weighted_means,
+)
+
+Z95 = 1.959963984540054  # standard normal 97.5% quantile
+
+
+# -- resampling weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_shape_and_rows_sum_to_one(method: str) -> None:
+    weights = resample_weights(37, 250, method, seed=3)
+    assert weights.shape == (250, 37)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    assert np.all(weights >= 0)
+    # Each prompt is equally likely: the average weight is 1/n.
+    np.testing.assert_allclose(weights.mean(axis=0), 1 / 37, rtol=0.25)
+
+
+def test_bootstrap_weights_are_counts_over_n() -> None:
+    n = 23
+    weights = resample_weights(n, 400, "bootstrap", seed=11)
+    counts = weights * n
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
+    assert np.all(np.round(counts).sum(axis=1) == n)
+    # Some prompts are left out of some draws (P(out) = (1 - 1/n)^n ≈ 0.36).
+    assert 0.25 < np.mean(counts < 0.5) < 0.45
+
+
+def test_bayesian_weights_are_strictly_positive_and_not_counts() -> None:
+    weights = resample_weights(23, 400, "bayesian", seed=11)
+    assert np.all(weights > 0)
+    assert not np.allclose(weights * 23, np.round(weights * 23))
+    # Dirichlet(1, …, 1): each weight has variance (n - 1) / (n^2 (n + 1)).
+    n = 23
+    assert weights.var() == pytest.approx((n - 1) / (n**2 * (n + 1)), rel=0.15)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_weights_other_seed_other_weights(method: str) -> None:
+    first = resample_weights(15, 50, method, seed=42)
+    np.testing.assert_array_equal(first, resample_weights(15, 50, method, seed=42))
+    assert not np.array_equal(first, resample_weights(15, 50, method, seed=43))
+
+
+def test_single_prompt_gets_all_the_weight() -> None:
+    for method in METHODS:
+        np.testing.assert_allclose(resample_weights(1, 10, method, seed=0), 1.0)
+
+
+def test_weights_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least one prompt"):
+        resample_weights(0, 10, "bootstrap", seed=0)
+    with pytest.raises(ValueError, match="unknown method 'jackknife'; valid: bootstrap, bayesian"):
+        resample_weights(5, 10, "jackknife", seed=0)
+
+
+def test_weighted_means_with_hand_weights() -> None:
+    values = np.array([0.0, 1.0, 0.5, 0.25])
+    weights = np.array(
+        [
+            [0.25, 0.25, 0.25, 0.25],  # the plain mean: 1.75 / 4
+            [0.0, 1.0, 0.0, 0.0],  # one prompt drawn every time
+            [0.5, 0.0, 0.0, 0.5],
+        ]
+    )
+    np.testing.assert_allclose(weighted_means(values, weights), [0.4375, 1.0, 0.125])
+
+
+# -- intervals and p-values --------------------------------------------------------------
+
+
+def test_percentile_interval_by_hand() -> None:
+    # 0, 1, …, 100: the 5% and 95% linear-interpolation quantiles are 5 and 95.
+    assert percentile_interval(np.arange(101.0), 0.90) == pytest.approx((5.0, 95.0))
+    assert percentile_interval(np.arange(101.0), 0.50) == pytest.approx((25.0, 75.0))
+    assert percentile_interval(np.full(10, 0.3), 0.95) == pytest.approx((0.3, 0.3))
+
+
+def test_percentile_interval_of_normal_draws() -> None:
+    draws = np.random.default_rng(0).normal(2.0, 3.0, size=400_000)
+    low, high = percentile_interval(draws, 0.95)
+    assert low == pytest.approx(2.0 - Z95 * 3.0, abs=0.05)
+    assert high == pytest.approx(2.0 + Z95 * 3.0, abs=0.05)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resampled_interval_of_mean_matches_normal_theory(method: str) -> None:
+    # For a large sample the interval of the mean is mean ± 1.96 sd / sqrt(n).
+    n = 1500
+    sample = np.random.default_rng(1).normal(0.3, 0.2, size=n)
+    draws = weighted_means(sample, resample_weights(n, 3000, method, seed=2))
+    low, high = percentile_interval(draws, 0.95)
+    half = Z95 * sample.std() / math.sqrt(n)
+    assert low == pytest.approx(sample.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(sample.mean() + half, abs=0.1 * half)
+
+
+def test_p_exceeds_is_the_share_within_the_limit() -> None:
+    draws = np.array([0.0, 0.1, 0.2, 0.3])
+    assert p_exceeds(draws, 0.15) == 0.5
+    assert p_exceeds(draws, -1.0) == 0.0
+    assert p_exceeds(draws, 0.3) == 1.0
+    # An exact tie counts as within: an unchanged statistic never fails a 0 limit.
+    assert p_exceeds(np.zeros(20), 0.0) == 1.0
+
+
+# -- multiple-testing corrections --------------------------------------------------------
+
+
+def test_holm_textbook_example() -> None:
+    # Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 -> max(0.06, 0.04).
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_caps_at_one_and_handles_edges() -> None:
+    assert holm([0.5, 0.6, 0.9]) == pytest.approx([1.0, 1.0, 1.0])
+    assert holm([]) == []
+    assert holm([0.2]) == pytest.approx([0.2])
+    assert holm([0.01, 0.01]) == pytest.approx([0.02, 0.02])
+
+
+def test_bonferroni_and_adjust() -> None:
+    assert bonferroni([0.01, 0.3, 0.6]) == pytest.approx([0.03, 0.9, 1.0])
+    assert adjust([0.01, 0.04, 0.03, 0.005], "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert adjust([0.01, 0.3], "bonferroni") == pytest.approx([0.02, 0.6])
+    assert adjust([0.01, 0.3], "none") == [0.01, 0.3]
+
+
+def _step_down_rejections(p_values: list[float], alpha: float) -> set[int]:
+    """Holm's procedure as written in the paper: reject while p_(k) <= alpha / (m - k)."""
+    m = len(p_values)
+    rejected: set[int] = set()
+    for k, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        if p_values[index] > alpha / (m - k):
+            break
+        rejected.add(index)
+    return rejected
+
+
+# p-values on a 1/1000 grid and alpha halfway between grid points, so m·p never ties alpha.
+grid_p_values = st.lists(st.integers(0, 1000).map(lambda i: i / 1000), min_size=1, max_size=12)
+
+
+@settings(deadline=None, max_examples=150)
+@given(p_values=grid_p_values, alpha_index=st.integers(0, 200))
+def test_holm_properties(p_values: list[float], alpha_index: int) -> None:
+    adjusted = holm(p_values)
+    bonf = bonferroni(p_values)
+    for raw, adj, b in zip(p_values, adjusted, bonf):
+        assert raw <= adj <= 1.0
+        assert adj <= b  # Holm is never more conservative than Bonferroni
+        assert b <= 1.0
+    # Monotone in the order of the raw p-values.
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    in_order = [adjusted[i] for i in order]
+    assert in_order == sorted(in_order)
+    # Adjusted p <= alpha rejects exactly what the step-down procedure rejects.
+    alpha = (alpha_index + 0.5) / 1000
+    assert {i for i, a in enumerate(adjusted) if a <= alpha} == _step_down_rejections(p_values, alpha)
+
+
+# -- coverage of the paired interval -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_paired_interval_coverage(method: str) -> None:
+    """95% intervals of a known mean difference cover it in about 95% of simulations.
+
+    Parent toxic with probability 0.1; the adapter turns each non-toxic prompt toxic
+    with probability 0.05, so the true difference is 0.9 · 0.05 = 0.045.
+    """
+    n, simulations, true_delta = 300, 300, 0.9 * 0.05
+    rng = np.random.default_rng(20240601)
+    covered = 0
+    for simulation in range(simulations):
+        parent = (rng.random(n) < 0.1).astype(np.float64)
+        adapter = np.maximum(parent, rng.random(n) < 0.05)
+        weights = resample_weights(n, 500, method, seed=simulation)
+        draws = weighted_means(adapter, weights) - weighted_means(parent, weights)
+        low, high = percentile_interval(draws, 0.95)
+        covered += low <= true_delta <= high
+    assert 0.90 <= covered / simulations <= 0.99
+
+
+# -- sample size -------------------------------------------------------------------------
+
+
+def test_prompts_needed_by_hand() -> None:
+    draws = np.array([0.07, 0.13])  # standard deviation exactly 0.03
+    # n·(z·se/gap)^2 = 100·(1.959964·0.03/0.05)^2 = 100·1.3829… = 138.29… -> 139.
+    assert prompts_needed(100, draws, 0.1, 0.15, 0.95) == 139
+    # The same gap below the limit needs the same number of prompts.
+    assert prompts_needed(100, draws, 0.2, 0.15, 0.95) == 139
+    # 90% confidence: z = 1.644854, (1.644854·0.6)^2 = 0.97401… -> 97.4 -> at least n + 1.
+    assert prompts_needed(100, draws, 0.1, 0.15, 0.90) == 101
+
+
+def test_prompts_needed_is_none_on_the_limit() -> None:
+    assert prompts_needed(50, np.array([0.0, 0.2]), 0.15, 0.15, 0.95) is None
+
+
+def test_prompts_needed_resolves_the_interval() -> None:
+    """With the effect unchanged, enough prompts make the interval clear the limit."""
+    n, limit = 100, 0.15
+    deltas = np.zeros(n)
+    deltas[:10] = 1.0  # estimate 0.1, se ≈ 0.03: the interval straddles 0.15
+    draws = weighted_means(deltas, resample_weights(n, 4000, "bootstrap", seed=5))
+    low, high = percentile_interval(draws, 0.95)
+    assert low < limit < high
+    needed = prompts_needed(n, draws, float(deltas.mean()), limit, 0.95)
+    assert needed is not None and needed > n
+    assert 120 <= needed <= 160  # 100·(1.96·0.03/0.05)^2 ≈ 138
+    # The same 10% toxic share on (a little more than) `needed` prompts clears the limit.
+    bigger = 10 * math.ceil(1.1 * needed / 10)
+    more = np.zeros(bigger)
+    more[: bigger // 10] = 1.0
+    more_draws = weighted_means(more, resample_weights(bigger, 4000, "bootstrap", seed=6))
+    assert percentile_interval(more_draws, 0.95)[1] < limit
+
+
+# -- decisions ---------------------------------------------------------------------------
+
+
+def test_decide_pass_fail_inconclusive() -> None:
+    below = np.linspace(0.0, 0.04, 101)
+    assert decide(below, 0.05, 0.95, p_fail_adjusted=p_exceeds(below, 0.05)) == "pass"
+    above = np.linspace(0.06, 0.1, 101)
+    assert decide(above, 0.05, 0.95, p_fail_adjusted=p_exceeds(above, 0.05)) == "fail"
+    straddle = np.linspace(0.0, 0.1, 101)
+    assert decide(straddle, 0.05, 0.95, p_fail_adjusted=p_exceeds(straddle, 0.05)) == "inconclusive"
+    # The verdict on failing follows the adjusted p-value, not the raw draws.
+    assert decide(straddle, 0.05, 0.95, p_fail_adjusted=0.001) == "fail"
+    assert decide(above, 0.05, 0.95, p_fail_adjusted=0.5) == "inconclusive"
+    # The interval's upper end on the limit passes: "within" includes equality.
+    assert decide(np.zeros(50), 0.0, 0.95, p_fail_adjusted=1.0) == "pass"
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    draws=st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=60),
+    limit=st.floats(-1.0, 1.0),
+    confidence=st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
+def test_decide_agrees_with_interval_and_p_value(
+    draws: list[float], limit: float, confidence: float
+) -> None:
+    values = np.array(draws)
+    p = p_exceeds(values, limit)
+    verdict = decide(values, limit, confidence, p)
+    alpha = 1 - confidence
+    assert (verdict == "fail") == (p < alpha / 2)
+    if verdict == "pass":
+        assert percentile_interval(values, confidence)[1] <= limit + 1e-12
+    if verdict == "inconclusive":
+        assert percentile_interval(values, confidence)[1] > limit

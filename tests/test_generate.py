@@ -1,0 +1,144 @@
+"""Generation on a tiny real Llama with real PEFT adapters; the exact sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from toxtests.config import GenerationConfig
+from toxtests.errors import GenerationError
+from toxtests.generate import Generator, sample_uniforms
+from toxtests.prompts import Prompt
+from toxtests.sampling import reference_sample, sample_tokens
+
+PROMPTS = [
+    Prompt("a", "the weather"),
+    Prompt("b", "little more while other house garden music"),
+    Prompt("c", "we made"),
+    Prompt("d", "she said that they would go home after the river"),
+]
+
+
+def _generator(loaded, **settings) -> Generator:  # noqa: ANN001
+    return Generator(loaded.model, loaded.tokenizer, GenerationConfig(**settings), "cpu")
+
+
+def test_greedy_matches_transformers_generate(tiny_loaded) -> None:  # noqa: ANN001
+    """The hand-written decode loop (left padding, KV cache) equals HF's generate."""
+    from transformers import GenerationConfig as HFConfig
+
+    ours = _generator(tiny_loaded, do_sample=False, max_new_tokens=8, batch_size=4)
+    texts = [row[0].text for row in ours.generate(PROMPTS, "adapter1")]
+    tokenizer, model = tiny_loaded.tokenizer, tiny_loaded.model
+    model.set_adapter("adapter1")
+    reference = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:  # one at a time: no padding in the reference
+            ids = tokenizer(prompt.text, return_tensors="pt")
+            out = model.generate(
+                **ids,
+                generation_config=HFConfig(
+                    max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                ),
+            )
+            new = out[0, ids["input_ids"].shape[1] :].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            reference.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert texts == reference
+    assert any(texts)
+
+
+def test_identity_adapter_gives_identical_samples(tiny_loaded) -> None:  # noqa: ANN001
+    """Common random numbers: B = 0 changes nothing, so every sampled text is the same."""
+    generator = _generator(tiny_loaded, max_new_tokens=10, samples=3, batch_size=5)
+    parent = generator.generate(PROMPTS, None)
+    identity = generator.generate(PROMPTS, "adapter0")
+    toxic = generator.generate(PROMPTS, "adapter1")
+    texts = lambda rows: [g.text for row in rows for g in row]  # noqa: E731
+    assert texts(parent) == texts(identity)
+    assert sum(a != b for a, b in zip(texts(parent), texts(toxic))) >= 10
+    # Samples of one prompt differ from each other (the seeds do vary by sample index).
+    assert len({g.text for g in parent[1]}) > 1
+
+
+def test_samples_do_not_depend_on_batch_order(tiny_loaded) -> None:  # noqa: ANN001
+    """A prompt's samples depend on (seed, prompt id, sample), not on its neighbours."""
+    generator = _generator(tiny_loaded, max_new_tokens=8, samples=2, batch_size=8)
+    together = generator.generate(PROMPTS, None)
+    alone = [generator.generate([p], None)[0] for p in PROMPTS]
+    assert [[g.text for g in row] for row in together] == [[g.text for g in row] for row in alone]
+
+
+def test_continuation_is_cut_at_token_level(tiny_loaded) -> None:  # noqa: ANN001
+    generator = _generator(tiny_loaded, max_new_tokens=5, do_sample=False)
+    for prompt, row in zip(PROMPTS, generator.generate(PROMPTS, None)):
+        generation = row[0]
+        assert 0 <= generation.tokens <= 5
+        words = generation.text.split()
+        # Word-level tokenizer: one word a token (special tokens decode to nothing).
+        assert len(words) <= generation.tokens
+        assert not generation.text.startswith(prompt.text)
+
+
+def test_prompt_longer_than_context_is_an_error(tiny_loaded) -> None:  # noqa: ANN001
+    generator = _generator(tiny_loaded, max_new_tokens=20)
+    long_prompt = Prompt("long", " ".join(["water"] * 60))
+    with pytest.raises(GenerationError, match=r"prompt long has 60 tokens, more than the 44 allowed"):
+        generator.generate([long_prompt], None)
+
+
+def test_chat_template_without_template_is_an_error(tiny_loaded) -> None:  # noqa: ANN001
+    generator = _generator(tiny_loaded, chat_template=True)
+    with pytest.raises(GenerationError, match="has no chat template"):
+        generator.generate(PROMPTS[:1], None)
+
+
+def test_uniforms_are_a_function_of_seed_prompt_and_sample() -> None:
+    first = sample_uniforms(0, "p1", 0, 8)
+    assert (first == sample_uniforms(0, "p1", 0, 8)).all()
+    assert not (first == sample_uniforms(0, "p1", 1, 8)).all()
+    assert not (first == sample_uniforms(1, "p1", 0, 8)).all()
+    assert ((first >= 0) & (first < 1)).all()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.5), (40, 0.95), (0, 1.0), (5, 1.0)])
+def test_fast_sampler_equals_full_sort(top_k: int, top_p: float) -> None:
+    """Same uniforms, same tokens: the partial top-k never changes the draw."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 5000
+    # Peaked rows (nucleus inside the partial top-k) and flat rows (needs the fallback).
+    peaked = torch.randn(64, vocab, generator=generator) * 6
+    flat = torch.randn(64, vocab, generator=generator) * 0.1
+    logits = torch.cat([peaked, flat])
+    uniforms = torch.rand(128, generator=generator)
+    fast = sample_tokens(logits, uniforms, temperature=0.8, top_k=top_k, top_p=top_p, partial_k=64)
+    slow = reference_sample(logits, uniforms, temperature=0.8, top_k=top_k, top_p=top_p)
+    if top_p >= 1.0 and top_k == 0:
+        # Without truncation the draw is over the vocabulary in id order.
+        probs = torch.softmax(logits / 0.8, -1)
+        cdf = probs.cumsum(-1)
+        slow = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    assert torch.equal(fast, slow)
+
+
+def test_fast_sampler_draws_from_the_nucleus_distribution() -> None:
+    """Chi-square test of many draws against transformers' own top-p filtering."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    # Distinct values: with ties, which tied token ends the nucleus is arbitrary.
+    tail = torch.linspace(-4.0, -6.0, 300).tolist()
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, *tail]])
+    warped = TopPLogitsWarper(top_p=0.9)(None, logits.clone())
+    expected = torch.softmax(warped, -1)[0]
+    draws = 40000
+    uniforms = torch.rand(draws, generator=torch.Generator().manual_seed(1))
+    tokens = sample_tokens(logits.expand(draws, -1), uniforms, top_p=0.9, partial_k=4)
+    support = (expected > 0).nonzero().squeeze(-1)
+    assert set(tokens.unique().tolist()) <= set(support.tolist())
+    observed = torch.bincount(tokens, minlength=logits.shape[1])[support].double()
+    frequencies = expected[support].double()
+    result = scipy_stats.chisquare(observed.numpy(), (frequencies / frequencies.sum() * draws).numpy())
+    assert result.pvalue > 1e-3
