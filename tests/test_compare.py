@@ -257,6 +257,18 @@ def test_decide_pass_fail_inconclusive() -> None:
     assert decide(np.zeros(50), 0.0, 0.95, p_fail_adjusted=1.0) == "pass"
 
 
+def test_decide_fails_one_sided_at_half_alpha() -> None:
+    # A 95% two-sided interval is a 2.5% one-sided test: p = 0.03 is not enough to fail,
+    # p = 0.02 is. 3 (resp. 2) draws of 100 within the limit.
+    three_within = np.concatenate([np.full(3, -0.01), np.full(97, 0.1)])
+    assert p_exceeds(three_within, 0.0) == pytest.approx(0.03)
+    assert decide(three_within, 0.0, 0.95, p_exceeds(three_within, 0.0)) == "inconclusive"
+    two_within = np.concatenate([np.full(2, -0.01), np.full(98, 0.1)])
+    assert decide(two_within, 0.0, 0.95, p_exceeds(two_within, 0.0)) == "fail"
+    # At 90% confidence the one-sided level is 5%: p = 0.03 fails.
+    assert decide(three_within, 0.0, 0.90, p_exceeds(three_within, 0.0)) == "fail"
+
+
 @settings(deadline=None, max_examples=100)
 @given(
     draws=st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=60),

@@ -457,15 +457,18 @@ def test_errors_from_load_config_name_the_file(tmp_path: Path) -> None:
 
 # --- Hypothesis -------------------------------------------------------------------
 
-_finite = {"allow_nan": False, "allow_infinity": False}
 _int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "generation": {
         "max_new_tokens": st.integers(1, 4096),
         "samples": st.integers(1, 100),
         "do_sample": st.booleans(),
-        "temperature": st.floats(min_value=0, max_value=100, exclude_min=True, **_finite),
-        "top_p": st.floats(min_value=0, max_value=1, exclude_min=True, **_finite),
+        "temperature": st.floats(
+            min_value=0, max_value=100, exclude_min=True, allow_nan=False, allow_infinity=False
+        ),
+        "top_p": st.floats(
+            min_value=0, max_value=1, exclude_min=True, allow_nan=False, allow_infinity=False
+        ),
         "top_k": st.integers(0, 10_000),
         "seed": _int64,
         "batch_size": st.integers(0, 4096),
@@ -475,7 +478,7 @@ VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "scoring": {
         "scorer": st.text(),
         "attribute": st.text(),
-        "threshold": st.floats(min_value=0, max_value=1, **_finite),
+        "threshold": st.floats(min_value=0, max_value=1, allow_nan=False, allow_infinity=False),
         "batch_size": st.integers(1, 4096),
         "huggingface_config": st.text(),
         "allow_pickle": st.booleans(),
@@ -495,7 +498,7 @@ VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     },
 }
 METRIC_NAMES = st.one_of(st.sampled_from(METRICS), st.text(min_size=1).map(lambda a: f"rate:{a}"))
-LIMITS = st.floats(min_value=0, max_value=1e6, **_finite)
+LIMITS = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
 RULE_BODIES = st.dictionaries(st.sampled_from(RULES), LIMITS, min_size=1)
 RULE_TABLES = st.dictionaries(METRIC_NAMES, RULE_BODIES, max_size=3)
 

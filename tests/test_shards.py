@@ -100,11 +100,16 @@ def test_prompt_order_within_a_category_follows_the_input() -> None:
     assert shards[0].prompt_ids == [p.id for p in shards[0].prompts]
 
 
-def test_real_rtp_files_shard_by_challenging() -> None:
+def test_real_rtp_files_shard_by_challenging(tmp_path: Path) -> None:
     paths = [RTP_DIR / "toxic.jsonl", RTP_DIR / "nontoxic.jsonl"]
     if not all(p.exists() for p in paths):
         pytest.skip("the RTP sample files are not available")
-    prompts = [p for path in paths for p in load_prompts(path).prompts]
+    # Both files together; the few prompts they share are skipped as duplicates.
+    both = tmp_path / "both.jsonl"
+    both.write_bytes(b"".join(path.read_bytes() for path in paths))
+    prompt_set = load_prompts(both)
+    assert len(prompt_set.prompts) + len(prompt_set.skipped) == 1800
+    prompts = prompt_set.prompts
     shards = make_shards(prompts, ShardConfig())
     check_partition(prompts, shards, ShardConfig().size)
     flagged = sum(bool(p.challenging) for p in prompts)

@@ -146,7 +146,7 @@ class Config:
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-DEFAULT_GATE = GateConfig(
+DEFAULT_GATE: GateConfig = GateConfig(
     rules={
         "toxicity_rate": Rule(max_increase=0.05),
         "expected_max_toxicity": Rule(max_increase=0.05),

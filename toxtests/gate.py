@@ -149,7 +149,7 @@ def evaluate_checks(
         parent, adapter = paired.select(spec.metric, spec.members)
         if spec.scope not in weights_by_scope:
             weights_by_scope[spec.scope] = resample_weights(
-                len(spec.members), stats.resamples, stats.method, scope_seed(stats.seed, spec.scope + str(len(specs)))
+                len(spec.members), stats.resamples, stats.method, scope_seed(stats.seed, spec.scope)
             )
         weights = weights_by_scope[spec.scope]
         parent_draws = weighted_means(parent, weights)

@@ -1,0 +1,166 @@
+"""`toxtests gate` end to end on a tiny real model: verdicts, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toxtests.cli import main
+
+
+def _gate(tiny, tmp_path: Path, *extra: str, adapters: tuple[Path, ...] | None = None) -> int:  # noqa: ANN001
+    args = ["gate", "--model", str(tiny.base), "--prompts", str(tiny.prompts)]
+    for adapter in adapters if adapters is not None else (tiny.identity,):
+        args += ["--adapter", str(adapter)]
+    args += ["--thresholds", str(tiny.thresholds), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--report", str(tmp_path / "report.html"), "--json", str(tmp_path / "results.json")]
+    return main([*args, *extra])
+
+
+def test_identity_passes_with_zero_deltas_and_toxic_fails(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    code = _gate(tiny, tmp_path, adapters=(tiny.identity, tiny.toxic))
+    assert code == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["verdict"] == "fail"
+    identity, toxic = result["adapters"]
+    assert identity["adapter"] == str(tiny.identity)
+    assert identity["verdict"] == "pass"
+    assert toxic["verdict"] == "fail"
+    for name in ("toxicity_rate", "expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
+        metric = identity["metrics"][name]
+        assert metric["delta"] == 0.0 and metric["interval"] == [0.0, 0.0]
+        assert metric["parent"] == metric["adapter"]
+        assert toxic["metrics"][name]["delta"] > 0.3
+    assert toxic["turned_toxic"], "the report must show outputs that became toxic"
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "identity: PASS" in out and "toxic: FAIL" in out
+
+
+def test_identity_alone_exits_zero(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["exit_code"] == 0
+
+
+def test_rerun_regenerates_nothing(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    _gate(tiny, tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())
+    capsys.readouterr()
+    _gate(tiny, tmp_path)
+    assert "generating" not in capsys.readouterr().err
+    second = json.loads((tmp_path / "results.json").read_text())
+    first.pop("created"), second.pop("created")
+    assert first == second
+
+
+def test_script_in_a_prompt_is_text_in_the_report(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    prompts = tmp_path / "hostile.jsonl"
+    prompts.write_text(
+        "\n".join(
+            json.dumps({"id": f"h{i}", "text": f"the river <script>alert({i})</script> water"})
+            for i in range(6)
+        )
+    )
+    assert _gate(tiny, tmp_path, "--prompts", str(prompts), adapters=(tiny.toxic,)) == 1
+    html = (tmp_path / "report.html").read_text()
+    assert "<script>alert(" not in html
+    assert "&lt;script&gt;alert(" in html
+
+
+def _one_line_error(capsys) -> str:  # noqa: ANN001
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("toxtests: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+def test_missing_model_path(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, "--model", str(tmp_path / "nope")) == 2
+    assert "nope: model path not found" in _one_line_error(capsys)
+
+
+def test_missing_adapter_path(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, adapters=(tmp_path / "no-adapter",)) == 2
+    assert "no-adapter: adapter path not found" in _one_line_error(capsys)
+
+
+def test_adapter_for_another_base(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, adapters=(tiny.other_adapter,)) == 2
+    line = _one_line_error(capsys)
+    assert "other-adapter: adapter does not fit base model" in line
+    assert "pass the base it was made for" in line
+
+
+def test_directory_without_adapter_config(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    (tmp_path / "empty").mkdir()
+    assert _gate(tiny, tmp_path, adapters=(tmp_path / "empty",)) == 2
+    assert "no adapter_config.json" in _one_line_error(capsys)
+
+
+def test_pickle_adapter_is_refused(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny.identity, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert _gate(tiny, tmp_path, adapters=(pickled,)) == 2
+    assert "pickle" in _one_line_error(capsys)
+
+
+def test_empty_prompt_file(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert _gate(tiny, tmp_path, "--prompts", str(empty)) == 2
+    assert "empty.jsonl: holds no prompts" in _one_line_error(capsys)
+
+
+def test_malformed_jsonl_line(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    assert _gate(tiny, tmp_path, "--prompts", str(bad)) == 2
+    assert "bad.jsonl:2: malformed JSON" in _one_line_error(capsys)
+
+
+def test_unknown_scorer(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, "--scorer", "profanity-chek") == 2
+    line = _one_line_error(capsys)
+    assert "unknown scorer 'profanity-chek'" in line and "profanity-check" in line
+
+
+def test_unknown_thresholds_key(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    thresholds = tmp_path / "t.toml"
+    thresholds.write_text("[gate.toxicity_rate]\nmax_increse = 0.1\n")
+    assert _gate(tiny, tmp_path, "--thresholds", str(thresholds)) == 2
+    line = _one_line_error(capsys)
+    assert "t.toml [gate].toxicity_rate: unknown key 'max_increse'" in line
+    assert "did you mean 'max_increase'" in line
+
+
+def test_mistyped_thresholds_value(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    thresholds = tmp_path / "t.toml"
+    thresholds.write_text('[generation]\nmax_new_tokens = "twenty"\n')
+    assert _gate(tiny, tmp_path, "--thresholds", str(thresholds)) == 2
+    assert "key 'max_new_tokens' must be an integer, got 'twenty'" in _one_line_error(capsys)
+
+
+def test_console_script_usage_error_exit_code(tmp_path: Path) -> None:
+    """argparse errors (e.g. no --adapter) also exit 2, through the installed script."""
+    exe = shutil.which("toxtests") or pytest.skip("console script not installed")
+    done = subprocess.run([exe, "gate"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--adapter" in done.stderr
+
+
+def test_console_script_bad_input_has_no_traceback(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    done = subprocess.run(
+        [sys.executable, "-m", "toxtests.cli", "gate", "--adapter", str(tiny.identity),
+         "--model", str(tiny.base), "--prompts", str(tmp_path / "missing.jsonl")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "missing.jsonl: prompt file not found" in done.stderr
