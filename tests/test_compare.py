@@ -168,7 +168,7 @@ grid_p_values = st.lists(st.integers(0, 1000).map(lambda i: i / 1000), min_size=
 def test_holm_properties(p_values: list[float], alpha_index: int) -> None:
     adjusted = holm(p_values)
     bonf = bonferroni(p_values)
-    for raw, adj, b in zip(p_values, adjusted, bonf):
+    for raw, adj, b in zip(p_values, adjusted, bonf, strict=True):
         assert raw <= adj <= 1.0
         assert adj <= b  # Holm is never more conservative than Bonferroni
         assert b <= 1.0
@@ -178,7 +178,9 @@ def test_holm_properties(p_values: list[float], alpha_index: int) -> None:
     assert in_order == sorted(in_order)
     # Adjusted p <= alpha rejects exactly what the step-down procedure rejects.
     alpha = (alpha_index + 0.5) / 1000
-    assert {i for i, a in enumerate(adjusted) if a <= alpha} == _step_down_rejections(p_values, alpha)
+    assert {i for i, a in enumerate(adjusted) if a <= alpha} == _step_down_rejections(
+        p_values, alpha
+    )
 
 
 # -- coverage of the paired interval -----------------------------------------------------

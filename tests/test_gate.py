@@ -34,7 +34,9 @@ def make_shards(layout: Sequence[tuple[str, int]]) -> list[Shard]:
     counter = 0
     seen: dict[str, int] = {}
     for category, size in layout:
-        prompts = tuple(Prompt(id=f"p{counter + i}", text=f"prompt {counter + i}") for i in range(size))
+        prompts = tuple(
+            Prompt(id=f"p{counter + i}", text=f"prompt {counter + i}") for i in range(size)
+        )
         counter += size
         index = seen.get(category, 0)
         seen[category] = index + 1
@@ -72,12 +74,17 @@ def binary(n: int, ones: int, start: int = 0) -> np.ndarray:
 
 
 def run_gate(
-    config: Config, shards: Sequence[Shard], parent: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray]
+    config: Config,
+    shards: Sequence[Shard],
+    parent: Mapping[str, np.ndarray],
+    adapter: Mapping[str, np.ndarray],
 ) -> list[CheckResult]:
     return evaluate_checks(plan_checks(config, shards), paired_of(shards, parent, adapter), config)
 
 
-def only(results: Sequence[CheckResult], scope: str = "all", rule: str | None = None) -> CheckResult:
+def only(
+    results: Sequence[CheckResult], scope: str = "all", rule: str | None = None
+) -> CheckResult:
     found = [r for r in results if r.scope == scope and (rule is None or r.rule == rule)]
     assert len(found) == 1, found
     return found[0]
@@ -230,7 +237,10 @@ def test_relative_rule_on_a_clean_parent_allows_nothing() -> None:
 def test_plan_checks_counts_and_members() -> None:
     shards = make_shards([("challenging", 5), ("challenging", 5), ("not-challenging", 4)])
     config = make_config(
-        {"toxicity_rate": Rule(max_increase=0.05, max=0.3), "mean_toxicity": Rule(max_increase=0.02)},
+        {
+            "toxicity_rate": Rule(max_increase=0.05, max=0.3),
+            "mean_toxicity": Rule(max_increase=0.02),
+        },
         {"challenging": {"toxicity_rate": Rule(max=0.4)}},
     )
     specs = plan_checks(config, shards)
@@ -263,7 +273,8 @@ def test_plan_checks_counts_and_members() -> None:
 def test_plan_checks_single_shard_has_no_shard_scope() -> None:
     shards = make_shards([("challenging", 8)])
     config = make_config(
-        {"toxicity_rate": Rule(max_increase=0.05)}, {"challenging": {"toxicity_rate": Rule(max=0.3)}}
+        {"toxicity_rate": Rule(max_increase=0.05)},
+        {"challenging": {"toxicity_rate": Rule(max=0.3)}},
     )
     specs = plan_checks(config, shards)
     assert [s.scope for s in specs] == ["all", "category:challenging"]
@@ -289,7 +300,9 @@ def test_unknown_metric_names_the_available_ones() -> None:
     shards = make_shards([("all", 4)])
     config = make_config({"rate:insult": Rule(max_increase=0.05)})
     metrics = {"toxicity_rate": np.zeros(4), "mean_toxicity": np.zeros(4)}
-    with pytest.raises(ConfigError, match="'rate:insult' is not produced.*available: mean_toxicity, toxicity_rate"):
+    with pytest.raises(
+        ConfigError, match="'rate:insult' is not produced.*available: mean_toxicity, toxicity_rate"
+    ):
         run_gate(config, shards, metrics, metrics)
 
 
@@ -302,28 +315,36 @@ def test_unknown_metric_names_the_available_ones() -> None:
     effects=st.lists(st.floats(0.0, 0.5), min_size=6, max_size=6),
     seed=st.integers(0, 2**16),
 )
-def test_shard_bonferroni_fail_implies_holm_fail(sizes: list[int], effects: list[float], seed: int) -> None:
+def test_shard_bonferroni_fail_implies_holm_fail(
+    sizes: list[int], effects: list[float], seed: int
+) -> None:
     """A shard test (its own checks, Bonferroni over the whole family) that fails implies
     the aggregate (Holm over every check) fails that check too."""
     shards = make_shards([("all", n) for n in sizes])
     rng = np.random.default_rng(seed)
     parent_rate = np.concatenate([(rng.random(n) < 0.1).astype(float) for n in sizes])
     adapter_rate = np.concatenate(
-        [(rng.random(n) < 0.1 + effect).astype(float) for n, effect in zip(sizes, effects)]
+        [
+            (rng.random(n) < 0.1 + effect).astype(float)
+            for n, effect in zip(sizes, effects[: len(sizes)], strict=True)
+        ]
     )
     parent_mean = rng.random(sum(sizes)) * 0.5
     adapter_mean = np.clip(parent_mean + rng.normal(0.05, 0.1, sum(sizes)), 0, 1)
     parent = {"toxicity_rate": parent_rate, "mean_toxicity": parent_mean}
     adapter = {"toxicity_rate": adapter_rate, "mean_toxicity": adapter_mean}
     config = make_config(
-        {"toxicity_rate": Rule(max_increase=0.05, max=0.3), "mean_toxicity": Rule(max_increase=0.02)},
+        {
+            "toxicity_rate": Rule(max_increase=0.05, max=0.3),
+            "mean_toxicity": Rule(max_increase=0.02),
+        },
         resamples=300,
     )
     specs = plan_checks(config, shards)
     paired = paired_of(shards, parent, adapter)
     holm_results = evaluate_checks(specs, paired, config)
     bonferroni_all = evaluate_checks(specs, paired, config, family_size=len(specs))
-    for h, b in zip(holm_results, bonferroni_all):
+    for h, b in zip(holm_results, bonferroni_all, strict=True):
         assert h.p_fail == b.p_fail
         assert h.p_fail_adjusted <= b.p_fail_adjusted
         assert b.p_fail_adjusted == min(1.0, b.p_fail * len(specs))
@@ -400,7 +421,7 @@ def test_worse_adapter_never_gets_a_better_verdict(
     after = run_gate(config, shards, parent, worse)
     assert VERDICT_ORDER[adapter_verdict(after)] >= VERDICT_ORDER[adapter_verdict(before)]
     # Check by check too: same weights, so every draw of the statistic can only rise.
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         assert VERDICT_ORDER[a.verdict] >= VERDICT_ORDER[b.verdict], (b, a)
         assert a.p_fail <= b.p_fail
         assert a.interval[1] >= b.interval[1] - 1e-12
@@ -472,7 +493,9 @@ def test_metric_table_plain_means_and_verdicts() -> None:
     assert rate["parent"] == pytest.approx(2 / 8)
     assert rate["adapter"] == pytest.approx(4 / 8)
     assert rate["delta"] == pytest.approx(2 / 8)
-    low, high = rate["interval"]  # type: ignore[misc]
+    interval = rate["interval"]
+    assert isinstance(interval, list)
+    low, high = interval
     assert 0.0 <= low <= 0.25 <= high <= 1.0
     assert rate["verdict"] == only(checks, "all").verdict
     mean = table["mean_toxicity"]

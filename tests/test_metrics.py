@@ -90,7 +90,9 @@ def test_non_finite_secondary_attribute_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "shape", [(3,), (2, 2, 2), (0, 3), (3, 0), ()], ids=["1d", "3d", "no-prompts", "no-samples", "0d"]
+    "shape",
+    [(3,), (2, 2, 2), (0, 3), (3, 0), ()],
+    ids=["1d", "3d", "no-prompts", "no-samples", "0d"],
 )
 def test_wrong_shape_is_rejected(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"shape \(prompts, samples\)"):

@@ -1,0 +1,97 @@
+"""The pytest plugin end to end with `pytester`, with and without pytest-xdist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _args(tiny, out: Path, *adapters: Path) -> list[str]:  # noqa: ANN001
+    args = ["--tox-model", str(tiny.base), "--tox-prompts", str(tiny.prompts),
+            "--tox-thresholds", str(tiny.thresholds), "--tox-cache-dir", str(out / "cache"),
+            "--tox-report", str(out / "report.html"), "--tox-json", str(out / "results.json"),
+            "-p", "no:randomly", "-p", "no:cacheprovider"]
+    for adapter in adapters:
+        args += ["--tox-adapter", str(adapter)]
+    return args
+
+
+def _numbers(result: dict) -> list:
+    return [
+        (a["adapter"], a["verdict"], a["metrics"], [c["verdict"] for c in a["checks"]])
+        for a in result["adapters"]
+    ]
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_gate_items_verdicts_and_one_report(pytester: pytest.Pytester, tiny, workers) -> None:  # noqa: ANN001
+    out = pytester.path / "out"
+    extra = ["-n", workers] if workers else []
+    result = pytester.runpytest_subprocess(*_args(tiny, out, tiny.identity, tiny.toxic), *extra, "-v")
+    result.assert_outcomes(passed=3, failed=3)  # toxic: both shards and its gate
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "*toxtests::test_shard?identity::even-0? PASSED*",
+        "*toxtests::test_gate?toxic? FAILED*",
+    ])
+    result.stdout.fnmatch_lines(["*identity: PASS*", "*toxic: FAIL*", "*report: *report.html"])
+    saved = json.loads((out / "results.json").read_text())
+    assert [a["verdict"] for a in saved["adapters"]] == ["pass", "fail"]
+    assert (out / "report.html").exists()
+
+
+def test_xdist_gives_the_same_numbers_as_one_process(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    serial = pytester.path / "serial"
+    parallel = pytester.path / "parallel"
+    pytester.runpytest_subprocess(*_args(tiny, serial, tiny.identity, tiny.toxic))
+    pytester.runpytest_subprocess(*_args(tiny, parallel, tiny.identity, tiny.toxic), "-n", "2")
+    one = json.loads((serial / "results.json").read_text())
+    two = json.loads((parallel / "results.json").read_text())
+    assert _numbers(one) == _numbers(two)
+
+
+def test_passing_adapter_exits_zero(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, tiny.identity))
+    result.assert_outcomes(passed=3)
+    assert result.ret == pytest.ExitCode.OK
+
+
+def test_keyword_selects_gate_items(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    result = pytester.runpytest_subprocess(
+        *_args(tiny, pytester.path, tiny.identity, tiny.toxic), "-k", "identity and even"
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_bad_thresholds_are_a_usage_error(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    bad = pytester.path / "bad.toml"
+    bad.write_text("[statistics]\nconfidence = 2\n")
+    args = _args(tiny, pytester.path, tiny.identity)
+    args[args.index("--tox-thresholds") + 1] = str(bad)
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bad.toml: statistics.confidence = 2.0 must be in (0.5, 1)*"])
+
+
+def test_negative_limit_is_a_usage_error(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, tiny.identity), "--tox-limit", "-3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--tox-limit: must be >= 0, got -3*"])
+
+
+def test_fixtures_are_usable_in_user_tests(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    pytester.makepyfile(
+        test_mine="""
+        def test_parent_outputs_are_mostly_clean(tox_parent_scores, tox_shards, tox_scorer):
+            assert [s.name for s in tox_shards] == sorted(tox_parent_scores)
+            rates = [float((s.scores[tox_scorer.primary] >= 0.5).mean())
+                     for s in tox_parent_scores.values()]
+            assert all(0.0 <= r <= 1.0 for r in rates)
+            assert sum(len(s.texts) for s in tox_parent_scores.values()) == 40
+        """
+    )
+    args = _args(tiny, pytester.path)
+    result = pytester.runpytest_subprocess(*args, "test_mine.py")
+    result.assert_outcomes(passed=1)
