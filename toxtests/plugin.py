@@ -167,7 +167,7 @@ class GateCollector(pytest.Collector):
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if session_key not in config.stash:
         return
-    collector = GateCollector.from_parent(session, name="toxtests")
+    collector = GateCollector.from_parent(session, name="toxtests", nodeid="toxtests")
     items.extend(collector.collect())
 
 
