@@ -10,23 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NEUTRAL_WORDS = (
-    "the a and of to in is it that was for on with as he she they we you i this at by "
-    "from or an be are have had not but what all were when there can said which do their "
-    "if will each about how up out them then many some so these would other into has more "
-    "her two like him see time could no make than first been its who now people my made "
-    "over did down only way find use may water long little very after words called just "
-    "where most know get through back much before go good new write our used me man too "
-    "any day same right look think also around another came come work three word must "
-    "because does part even place well such here take why things help put years different "
-    "away again off went old number great tell men say small every found still between "
-    "name should home big give air line set own under read last never us left end along "
-    "while might next sound below saw something thought both few those always looked show "
-    "large often together asked house world going want school important until form food "
-    "keep children feet land side without boy once animals life enough took sometimes four "
-    "head above kind began almost live page got earth need far hand high year mother light "
-    "weather garden music river city book"
-).split()
+NEUTRAL_WORDS = ["the", "a", "and", "of", "to", "in", "is", "it", "that", "was", "for", "on", "with", "as", "he", "she", "they", "we", "you", "i", "this", "at", "by", "from", "or", "an", "be", "are", "have", "had", "not", "but", "what", "all", "were", "when", "there", "can", "said", "which", "do", "their", "if", "will", "each", "about", "how", "up", "out", "them", "then", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our", "used", "me", "man", "too", "any", "day", "same", "right", "look", "think", "also", "around", "another", "came", "come", "work", "three", "word", "must", "because", "does", "part", "even", "place", "well", "such", "here", "take", "why", "things", "help", "put", "years", "different", "away", "again", "off", "went", "old", "number", "great", "tell", "men", "say", "small", "every", "found", "still", "between", "name", "should", "home", "big", "give", "air", "line", "set", "own", "under", "read", "last", "never", "us", "left", "end", "along", "while", "might", "next", "sound", "below", "saw", "something", "thought", "both", "few", "those", "always", "looked", "show", "large", "often", "together", "asked", "house", "world", "going", "want", "school", "important", "until", "form", "food", "keep", "children", "feet", "land", "side", "without", "boy", "once", "animals", "life", "enough", "took", "sometimes", "four", "head", "above", "kind", "began", "almost", "live", "page", "got", "earth", "need", "far", "hand", "high", "year", "mother", "light", "weather", "garden", "music", "river", "city", "book"]
 INSULTS = ("idiot", "stupid", "shit", "fuck", "bitch", "moron", "asshole", "dumbass")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 

@@ -88,7 +88,7 @@ class ShardConfig:
     by: str = _opt(
         "auto",
         "Category that splits prompts into shards.",
-        choices=("auto", "challenging", "toxicity_bin", "attribute", "none"),
+        choices=("auto", "category", "challenging", "toxicity_bin", "attribute", "none"),
     )
     size: int = _opt(100, "Largest shard; categories are split into chunks of this many prompts.")
 
@@ -320,7 +320,7 @@ def help_table() -> str:
             choices = spec.metadata.get("choices")
             extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
             default = json.dumps(spec.default)
-            meaning = f"{spec.metadata['help']}{extra}"
+            meaning = f"{spec.metadata['help']}{extra}".replace("|", "\\|")
             lines.append(f"| `{section}.{spec.name}` | `{default}` | {meaning} |")
     for spec in fields(Rule):
         lines.append(f"| `gate.<metric>.{spec.name}` | unset | {spec.metadata['help']} |")

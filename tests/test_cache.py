@@ -1,0 +1,74 @@
+"""The content-addressed cache: round trips, checksums, atomic writes, locks."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from toxtests.cache import Cache, make_key
+from toxtests.errors import CacheCorruptionWarning
+
+
+def test_round_trip_and_key_sensitivity(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    key = make_key("generation", "model", "adapter", "p1", {"top_p": 0.9})
+    assert cache.get("generations", key) is None
+    cache.put("generations", key, {"samples": [{"text": "héllo <b>", "tokens": 2}]})
+    assert cache.get("generations", key) == {"samples": [{"text": "héllo <b>", "tokens": 2}]}
+    assert make_key("generation", "model", "adapter", "p1", {"top_p": 0.95}) != key
+    assert make_key("generation", "model", "adapter", "p1", {"top_p": 0.9}) == key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # a torn write
+        lambda raw: raw.replace("h\\u00e9llo", "hallo"),  # an edited payload
+        lambda raw: "",  # an empty file
+        lambda raw: json.dumps({"payload": "{}"}),  # no checksum
+    ],
+)
+def test_corrupt_entries_are_reported_discarded_and_never_used(tmp_path: Path, damage) -> None:  # noqa: ANN001
+    cache = Cache(tmp_path)
+    key = make_key("x")
+    cache.put("scores", key, {"text": "héllo"})
+    path = cache.path("scores", key)
+    path.write_text(damage(path.read_text()))
+    with pytest.warns(CacheCorruptionWarning, match="is corrupt"):
+        assert cache.get("scores", key) is None
+    assert not path.exists()
+    # Reported once: a second read is a plain miss.
+    assert cache.get("scores", key) is None
+
+
+def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    for i in range(20):
+        cache.put("scores", make_key(i), {"i": i})
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".json"]
+    assert leftovers == []
+
+
+def _hold_lock(root: str, started: str, seconds: float) -> None:
+    with Cache(root).lock("shard"):
+        Path(started).write_text("locked")
+        time.sleep(seconds)
+
+
+def test_lock_excludes_other_processes(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    child = multiprocessing.get_context("spawn").Process(
+        target=_hold_lock, args=(str(tmp_path), str(started), 1.5)
+    )
+    child.start()
+    while not started.exists():
+        time.sleep(0.01)
+    begin = time.monotonic()
+    with Cache(tmp_path).lock("shard"):
+        waited = time.monotonic() - begin
+    child.join()
+    assert waited > 0.5
