@@ -637,7 +637,7 @@ def test_help_table_lists_every_field_of_every_section() -> None:
         for spec in dataclasses.fields(cls):
             matching = [row for row in rows if row.startswith(f"| `{section}.{spec.name}` |")]
             assert len(matching) == 1, (section, spec.name)
-            assert spec.metadata["help"] in matching[0]
+            assert spec.metadata["help"].replace("|", "\\|") in matching[0]
             assert f"`{json.dumps(spec.default)}`" in matching[0]
             for choice in spec.metadata.get("choices") or ():
                 assert choice in matching[0]

@@ -169,6 +169,12 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f"{hint}valid: {', '.join(sorted(choices))}"
 
 
+def _is_toml_int(value: Any) -> bool:
+    """A TOML integer: 64-bit signed, as the spec demands (tomllib accepts any size, and
+    a 400-digit integer overflows float() and every seed and counter downstream)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
     text = str(expected)
     if "bool" in text:
@@ -176,12 +182,13 @@ def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
             return value
         want = "true or false"
     elif "int" in text and "float" not in text:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_toml_int(value):
             return value
-        want = "an integer"
+        out_of_range = isinstance(value, int) and not isinstance(value, bool)
+        want = "a 64-bit integer" if out_of_range else "an integer"
     elif "float" in text:
         # TOML allows nan and inf; a nan limit compares false and would never fail.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if _is_toml_int(value) or (isinstance(value, float) and math.isfinite(value)):
             return float(value)
         want = "a finite number"
     else:
@@ -265,6 +272,17 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"{source}: not valid TOML ({exc}); check the quoting and brackets"
+        ) from None
+    # TOML that tomllib itself cannot hold: integers past Python's digit limit (a plain
+    # ValueError) and arrays or inline tables nested past the recursion limit.
+    except ValueError:
+        raise ConfigError(
+            f"{source}: not valid TOML (an integer too long to read); "
+            "integers must fit in 64 bits"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: not valid TOML (arrays or tables nested too deeply)"
         ) from None
     allowed = [*_SECTIONS, "gate"]
     sections: dict[str, Any] = {}

@@ -41,14 +41,33 @@ def atomic_write_json(path: str | Path, value: object) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, remembered by (path, size, mtime) so large weights hash once."""
+def _load_store(store: Path) -> dict[str, str]:
+    try:
+        value = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20, store: Path | None = None) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so large weights hash once.
+
+    With `store` (a JSON file in the cache) the memo outlives the process, so a re-run
+    does not re-read a gigabyte of weights to learn that nothing changed.
+    """
     file = Path(path).resolve()
     stat = file.stat()
     key = (str(file), stat.st_size, stat.st_mtime_ns)
+    store_key = f"{key[0]}|{key[1]}|{key[2]}"
     with _lock:
         if key in _fingerprints:
             return _fingerprints[key]
+    if store is not None:
+        remembered = _load_store(store).get(store_key)
+        if isinstance(remembered, str) and len(remembered) == 64:
+            with _lock:
+                _fingerprints[key] = remembered
+            return remembered
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         while block := handle.read(chunk):
@@ -56,6 +75,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     value = digest.hexdigest()
     with _lock:
         _fingerprints[key] = value
+    if store is not None:
+        # A concurrent writer may drop this entry (last rename wins): it is only a memo.
+        memo = _load_store(store)
+        memo[store_key] = value
+        atomic_write_json(store, memo)
     return value
 
 

@@ -100,9 +100,9 @@ def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
                 "the embedded model gemma3-270m needs its package: pip install 'toxtests[demo]'"
             ) from None
         target = cache_dir / "gguf" / package.MODEL_NAME
-        lock = FileLock(str(target) + ".lock")
-        with lock:
-            if not target.exists() or sha256_file(target) != package.EXPECTED_SHA256:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not target.exists() or _sha(target, cache_dir) != package.EXPECTED_SHA256:
                 partial = target.with_suffix(".partial")
                 package.assemble(partial, overwrite=True)
                 os.replace(partial, target)
@@ -117,9 +117,13 @@ def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
     return found[0]
 
 
+def _sha(path: Path, cache_dir: Path) -> str:
+    return sha256_file(path, store=cache_dir / "fingerprints.json")
+
+
 def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors directory in the cache."""
-    digest = sha256_file(gguf)
+    digest = _sha(gguf, cache_dir)
     target = cache_dir / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").exists():
         return target
@@ -160,12 +164,12 @@ def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
     """(what to pass to from_pretrained, kind, fingerprint) for a model spec."""
     if spec in EMBEDDED_MODELS:
         gguf = _embedded_gguf(spec, cache_dir)
-        return str(_convert_gguf(gguf, cache_dir)), "gguf", sha256_file(gguf)[:16]
+        return str(_convert_gguf(gguf, cache_dir)), "gguf", _sha(gguf, cache_dir)[:16]
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{spec}: GGUF file not found; check the path")
-        return str(_convert_gguf(path, cache_dir)), "gguf", sha256_file(path)[:16]
+        return str(_convert_gguf(path, cache_dir)), "gguf", _sha(path, cache_dir)[:16]
     if path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_dir():
             raise ModelLoadError(
@@ -182,6 +186,30 @@ def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
             )
         return str(path), "directory", fingerprint_tree(path, WEIGHT_SUFFIXES)[:16]
     return spec, "hub", hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def describe_model(
+    spec: str, *, cache_dir: Path | None = None, device: str = "auto", dtype: str = "auto"
+) -> dict[str, str]:
+    """What identifies a model's outputs, without loading its weights (for cache keys)."""
+    cache_dir = cache_dir or default_cache_dir()
+    source, kind, fingerprint = resolve_model(spec, cache_dir)
+    if kind == "hub":
+        from transformers import AutoConfig
+
+        try:
+            revision = getattr(AutoConfig.from_pretrained(spec), "_commit_hash", None) or "unknown"
+        except OSError as exc:
+            raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
+    device = choose_device(device)
+    return {
+        "spec": spec,
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "device": device,
+        "dtype": choose_dtype(device, dtype),
+    }
 
 
 def load_base(

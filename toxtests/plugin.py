@@ -177,10 +177,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     gate = config.stash[session_key]
     if hasattr(config, "workerinput"):
-        if gate._loaded is not None:
+        if gate.used:
             config.workeroutput["toxtests_fingerprints"] = gate.fingerprints()
         return
-    ran_here = gate._loaded is not None
+    ran_here = gate.used
     if fingerprints_key in config.stash:
         gate.adopt_fingerprints(config.stash[fingerprints_key])
     elif not ran_here:

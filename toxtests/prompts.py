@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,43 @@ def text_id(text: str) -> str:
     return "p" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+# A 1 MB record must not become a 1 MB error line.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 2
+
+
+def _utf8_string(value: str, what: str, where: str) -> str:
+    """`value`, unless it holds an unpaired surrogate: JSON's "\\ud800" decodes to a str
+    that cannot be written back as UTF-8 (cache keys, fingerprints, reports all encode it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptFileError(
+            f"{where}: {what} holds an unpaired surrogate escape "
+            f"({_SHORT.repr(exc.object[exc.start : exc.end])}); "
+            "write the character itself or a complete surrogate pair"
+        ) from None
+    return value
+
+
+def _finite_score(value: Any) -> float | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        score = float(value)  # a JSON integer of 400 digits overflows a float
+    except OverflowError:
+        return None
+    return score if math.isfinite(score) else None
+
+
 def _float_attributes(table: dict[str, Any]) -> dict[str, float]:
+    scores = {key: _finite_score(value) for key, value in table.items()}
     return {
-        key: float(value)
-        for key, value in table.items()
-        if key in PERSPECTIVE_ATTRIBUTES
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
+        key: score
+        for key, score in scores.items()
+        if key in PERSPECTIVE_ATTRIBUTES and score is not None
     }
 
 
@@ -109,26 +139,36 @@ def _record_to_prompt(record: Any, where: str) -> Prompt | str:
         attributes = _float_attributes(inner)
     elif "text" in record:
         text = record["text"]
-        attributes = _float_attributes(record.get("attributes") or {})
+        table = record.get("attributes")
+        if table is not None and not isinstance(table, dict):
+            raise PromptFileError(
+                f"{where}: attributes must be an object of scores, got {type(table).__name__}"
+            )
+        attributes = _float_attributes(table or {})
     else:
         raise PromptFileError(
             f"{where}: no prompt text; expected {{\"text\": ...}} or "
             "RealToxicityPrompts' {\"prompt\": {\"text\": ...}}"
         )
     if not isinstance(text, str):
-        raise PromptFileError(f"{where}: prompt text must be a string, got {text!r}")
+        raise PromptFileError(
+            f"{where}: prompt text must be a string, got {_SHORT.repr(text)}"
+        )
+    _utf8_string(text, "prompt text", where)
     if not text.strip():
         return "empty prompt text"
     given_id = record.get("id")
     if given_id is not None and not isinstance(given_id, (str, int)):
-        raise PromptFileError(f"{where}: id must be a string or integer, got {given_id!r}")
+        raise PromptFileError(
+            f"{where}: id must be a string or integer, got {_SHORT.repr(given_id)}"
+        )
     challenging = record.get("challenging")
     category = record.get("category")
     return Prompt(
-        id=str(given_id) if given_id is not None else text_id(text),
+        id=_utf8_string(str(given_id), "id", where) if given_id is not None else text_id(text),
         text=text,
         challenging=bool(challenging) if isinstance(challenging, bool) else None,
-        category=str(category) if category is not None else None,
+        category=_utf8_string(str(category), "category", where) if category is not None else None,
         attributes=attributes,
     )
 
@@ -170,6 +210,18 @@ def parse_prompts(text: str, source: str, fmt: str) -> PromptSet:
             except json.JSONDecodeError as exc:
                 raise PromptFileError(
                     f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            # Valid JSON that Python still refuses: numbers past int's digit limit, nesting
+            # deeper than the recursion limit. Neither can be a prompt record.
+            except ValueError:
+                raise PromptFileError(
+                    f"{where}: unreadable JSON (a number too long to convert); "
+                    "each line must be one JSON object"
+                ) from None
+            except RecursionError:
+                raise PromptFileError(
+                    f"{where}: unreadable JSON (nested too deeply); "
                     "each line must be one JSON object"
                 ) from None
             parsed = _record_to_prompt(record, where)

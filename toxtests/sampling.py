@@ -42,24 +42,41 @@ def sample_tokens(
     partial_k: int = PARTIAL_K,
 ) -> torch.Tensor:
     """One token per row of `logits` (rows, vocab), each from its own uniform in [0, 1)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    vocab = probs.shape[-1]
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    vocab = scaled.shape[-1]
     if top_k > 0:
-        values, ids = torch.topk(probs, min(top_k, vocab), dim=-1)
-        values = values / values.sum(dim=-1, keepdim=True)
-        return _nucleus_pick(values, ids, uniforms, top_p)
+        values, ids = torch.topk(scaled, min(top_k, vocab), dim=-1)
+        return _nucleus_pick(torch.softmax(values, dim=-1), ids, uniforms, top_p)
     if top_p >= 1.0:
-        cdf = probs.cumsum(dim=-1)
+        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
         targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
         return torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1).squeeze(-1)
-    k = min(partial_k, vocab)
-    values, ids = torch.topk(probs, k, dim=-1)
-    tokens = _nucleus_pick(values, ids, uniforms, top_p)
-    short = values.sum(dim=-1) < top_p
-    if bool(short.any()):
-        rows = short.nonzero().squeeze(-1)
-        full_values, full_ids = torch.sort(probs[rows], dim=-1, descending=True)
-        tokens[rows] = _nucleus_pick(full_values, full_ids, uniforms[rows], top_p)
+    # Probabilities of the candidates only: exp(logit - logsumexp) never materialises
+    # the full softmax, one pass over the vocabulary instead of three.
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    pending = torch.arange(scaled.shape[0], device=scaled.device)
+    k = partial_k
+    # Widen the partial top-k for the rows whose nucleus it did not hold: most rows
+    # finish at the first size, a few flat ones at the next, a full sort is rare.
+    while pending.numel():
+        full_sort = k >= vocab // 4
+        rows = scaled[pending]
+        if full_sort:
+            top, ids = torch.sort(rows, dim=-1, descending=True)
+        else:
+            top, ids = torch.topk(rows, k, dim=-1)
+        probs = torch.exp(top - log_normaliser[pending])
+        done = torch.ones_like(pending, dtype=torch.bool) if full_sort else probs.sum(-1) >= top_p
+        if bool(done.any()):
+            picked = done.nonzero().squeeze(-1)
+            tokens[pending[picked]] = _nucleus_pick(
+                probs[picked], ids[picked], uniforms[pending[picked]], top_p
+            )
+        pending = pending[~done]
+        k *= 16
     return tokens
 
 
@@ -67,9 +84,11 @@ def reference_sample(
     logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_k: int, top_p: float
 ) -> torch.Tensor:
     """The obvious full-sort version, kept for tests and the benchmark."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    values, ids = torch.sort(probs, dim=-1, descending=True)
+    scaled = logits.float() / temperature
     if top_k > 0:
+        values, ids = torch.sort(scaled, dim=-1, descending=True)
         values, ids = values[:, :top_k], ids[:, :top_k]
-        values = values / values.sum(dim=-1, keepdim=True)
-    return _nucleus_pick(values, ids, uniforms, top_p)
+        return _nucleus_pick(torch.softmax(values, dim=-1), ids, uniforms, top_p)
+    values, ids = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.exp(values - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    return _nucleus_pick(probs, ids, uniforms, top_p)

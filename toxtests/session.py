@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -111,39 +113,55 @@ class GateSession:
         self._scorer: Any = None
         self._fingerprints: dict[str, Any] | None = None
         self.progress: Callable[[str], None] | None = None
+        # Wall seconds by phase (load / generate / score), for the summary and benchmark.
+        self.timings: dict[str, float] = {"load": 0.0, "generate": 0.0, "score": 0.0}
+        self.generated_tokens = 0
+        self.used = False  # set once a gate test or the CLI asked for results
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
 
     # -- loading -------------------------------------------------------------------
 
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
-            from toxtests.models import attach_adapters, load_base
-
-            base = load_base(
-                self.options.model,
-                cache_dir=self.cache.root,
-                device=self.options.device,
-                dtype=self.options.dtype,
-                trust_remote_code=self.options.trust_remote_code,
-            )
-            self._loaded = attach_adapters(
-                base, self.options.adapters, allow_pickle=self.options.allow_pickle
-            )
+            with self.timed("load"):
+                self._loaded = self._load()
         return self._loaded
+
+    def _load(self) -> Any:
+        from toxtests.models import attach_adapters, load_base
+
+        base = load_base(
+            self.options.model,
+            cache_dir=self.cache.root,
+            device=self.options.device,
+            dtype=self.options.dtype,
+            trust_remote_code=self.options.trust_remote_code,
+        )
+        return attach_adapters(base, self.options.adapters, allow_pickle=self.options.allow_pickle)
 
     @property
     def scorer(self) -> Any:
         if self._scorer is None:
+            from toxtests.models import choose_device
             from toxtests.score import load_scorer
 
             scoring = self.config.scoring
-            self._scorer = load_scorer(
+            with self.timed("load"):
+                self._scorer = load_scorer(
                 self.scorer_spec,
-                device=self.loaded.device if self._loaded is not None else "cpu",
-                batch_size=scoring.batch_size,
-                huggingface_config=scoring.huggingface_config,
-                allow_pickle=self.options.allow_pickle or scoring.allow_pickle,
-            )
+                    device=choose_device(self.options.device),
+                    batch_size=scoring.batch_size,
+                    huggingface_config=scoring.huggingface_config,
+                    allow_pickle=self.options.allow_pickle or scoring.allow_pickle,
+                )
             if self.config.scoring.attribute and self.config.scoring.attribute not in self._scorer.attributes:
                 raise ToxtestsError(
                     f"scoring.attribute = {self.config.scoring.attribute!r} is not emitted by "
@@ -154,10 +172,14 @@ class GateSession:
     def fingerprints(self) -> dict[str, Any]:
         """Everything a cache key depends on; workers send this to the controller."""
         if self._fingerprints is None:
-            from toxtests.models import adapter_fingerprint
+            from toxtests.models import adapter_fingerprint, describe_model
 
+            options = self.options
             self._fingerprints = {
-                "model": self.loaded.describe(),
+                # Described, not loaded: a fully cached re-run never loads the weights.
+                "model": describe_model(
+                    options.model, cache_dir=self.cache.root, device=options.device, dtype=options.dtype
+                ),
                 "adapters": [adapter_fingerprint(spec) for spec in self.options.adapters],
                 "scorer": {
                     "spec": self.scorer_spec,
@@ -181,9 +203,11 @@ class GateSession:
 
     def _generation_key(self, adapter_index: int | None, prompt: Prompt) -> str:
         g = self.config.generation
+        model = self.fingerprints()["model"]
         return make_key(
             "generation",
-            self.fingerprints()["model"]["fingerprint"],
+            model["fingerprint"],
+            model["dtype"],
             self._variant_fingerprint(adapter_index),
             prompt.id,
             prompt.text,
@@ -192,6 +216,7 @@ class GateSession:
 
     def shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
         """Generations and scores for a shard, from the cache or computed (then cached)."""
+        self.used = True
         keys = [self._generation_key(adapter_index, p) for p in shard.prompts]
         variant = "parent" if adapter_index is None else self.adapter_names[adapter_index]
         generations = [self.cache.get("generations", k) for k in keys]
@@ -221,7 +246,9 @@ class GateSession:
         loaded = self.loaded
         generator = Generator(loaded.model, loaded.tokenizer, self.config.generation, loaded.device)
         peft_name = None if adapter_index is None else loaded.adapters[adapter_index].peft_name
-        produced = generator.generate([shard.prompts[i] for i in missing], peft_name)
+        with self.timed("generate"):
+            produced = generator.generate([shard.prompts[i] for i in missing], peft_name)
+        self.generated_tokens += sum(g.tokens for row in produced for g in row)
         for i, samples in zip(missing, produced):
             entry = {"samples": [{"text": s.text, "tokens": s.tokens} for s in samples]}
             self.cache.put("generations", keys[i], entry)
@@ -235,7 +262,9 @@ class GateSession:
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             flat = [t for i in missing for t in texts[i]]
-            scored = self.scorer.score(flat)
+            scorer = self.scorer
+            with self.timed("score"):
+                scored = scorer.score(flat)
             offset = 0
             for i in missing:
                 width = len(texts[i])

@@ -1,0 +1,201 @@
+"""Benchmark: toxtests' gate vs the plain transformers loop a user would write.
+
+    python bench/bench_gate.py            # default: Gemma 3 270M, 900 challenging prompts
+    python bench/bench_gate.py --quick    # 64 prompts, a couple of minutes
+
+Measures, in one run on the same model, prompts and settings (20 new tokens, top-p 0.9,
+one sample per prompt): the baseline (`model.generate` in batches, then the same
+scorer); the machine's ceiling (measured matmul throughput / the model's FLOPs per
+generated token); toxtests' first gate (parent + one adapter), a second adapter against
+the same parent, and an identical re-run; peak memory; wall time by phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPTS = REPO.parent / "shared" / "data" / "rtp" / "toxic.jsonl"
+
+
+def measured_matmul_gflops(hidden: int, vocab: int, batch: int) -> float:
+    """Best sustained fp32 GFLOP/s over shapes like the model's own matmuls."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((batch, hidden, vocab), (batch, hidden, 4 * hidden), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        started = time.perf_counter()
+        repeats = 5
+        for _ in range(repeats):
+            a @ b
+        seconds = (time.perf_counter() - started) / repeats
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+    return best
+
+
+def flops_per_token(model) -> float:  # noqa: ANN001
+    """2 × every weight a generated token passes through (the embedding lookup is free,
+    the tied output projection is not)."""
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    config = model.config
+    output = config.vocab_size * config.hidden_size
+    return 2.0 * (params + (output if getattr(config, "tie_word_embeddings", False) else 0))
+
+
+def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, scorer) -> dict:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load = time.perf_counter() - started
+    torch.manual_seed(0)
+    texts, tokens = [], 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
+            out = model.generate(
+                **enc, do_sample=True, top_p=0.9, max_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            tokens += int((new != tokenizer.pad_token_id).sum())
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    generate = time.perf_counter() - started
+    started = time.perf_counter()
+    scorer.score(texts)
+    score = time.perf_counter() - started
+    return {"load": load, "generate": generate, "score": score, "tokens": tokens,
+            "tokens_per_s": tokens / generate}
+
+
+def gate(options, label: str) -> dict:  # noqa: ANN001
+    from toxtests.report import write_report
+    from toxtests.session import GateSession
+
+    started = time.perf_counter()
+    session = GateSession(options)
+    result = session.result()
+    stats_and_generation = time.perf_counter() - started
+    report_started = time.perf_counter()
+    write_report(result, options.report, options.json)
+    report = time.perf_counter() - report_started
+    t = session.timings
+    statistics = stats_and_generation - t["load"] - t["generate"] - t["score"]
+    return {
+        "label": label,
+        "wall": stats_and_generation + report,
+        "load": t["load"], "generate": t["generate"], "score": t["score"],
+        "statistics": statistics, "report": report,
+        "tokens": session.generated_tokens,
+        "tokens_per_s": session.generated_tokens / t["generate"] if t["generate"] else None,
+        "verdicts": [a["verdict"] for a in result["adapters"]],
+        "early_stopping": result.get("early_stopping"),
+        "session": session,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 prompts instead of 900")
+    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    parser.add_argument("--limit", type=int, default=0, help="prompts to use (default all / 64 quick)")
+    parser.add_argument("--baseline-batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    from toxtests.models import load_base
+    from toxtests.prompts import load_prompts
+    from toxtests.score import load_scorer
+    from toxtests.session import RunOptions
+    from toxtests.shards import stratified_subset
+
+    limit = args.limit or (64 if args.quick else 0)
+    prompt_set = load_prompts(args.prompts)
+    prompts = stratified_subset(prompt_set.prompts, limit) if limit else prompt_set.prompts
+    print(f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
+          f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, {torch.get_num_threads()} threads")
+
+    loaded = load_base("gemma3-270m")  # converts once into the user cache
+    model_dir = loaded.model.name_or_path
+    config = loaded.model.config
+    gflops = measured_matmul_gflops(config.hidden_size, config.vocab_size, 64)
+    per_token = flops_per_token(loaded.model)
+    ceiling = gflops * 1e9 / per_token
+    print(f"ceiling: {gflops:.0f} GFLOP/s measured x {per_token / 1e9:.3f} GFLOP/token "
+          f"= {ceiling:.0f} tokens/s")
+    del loaded
+
+    scorer = load_scorer("profanity-check")
+    figures: dict = {"prompts": len(prompts), "ceiling_tokens_per_s": ceiling, "gflops": gflops}
+    if not args.skip_baseline:
+        base = baseline(model_dir, [p.text for p in prompts], args.new_tokens, args.baseline_batch, scorer)
+        figures["baseline"] = base
+        print(f"baseline (transformers generate, batch {args.baseline_batch}): "
+              f"{base['tokens_per_s']:.1f} tokens/s, generate {base['generate']:.1f}s, "
+              f"score {base['score']:.2f}s, load {base['load']:.1f}s")
+
+    workdir = Path(tempfile.mkdtemp(prefix="toxtests-bench-"))
+    prompt_file = workdir / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"id": p.id, "text": p.text,
+                                               "challenging": p.challenging}) + "\n" for p in prompts))
+    thresholds = workdir / "thresholds.toml"
+    thresholds.write_text(f"[generation]\nmax_new_tokens = {args.new_tokens}\ntop_p = 0.9\n")
+    cache = workdir / "cache"
+    # Reuse the converted model, not any generation: a cold cache for the gate itself.
+    user_models = Path(model_dir).parent
+    (cache / "models").mkdir(parents=True)
+    for entry in user_models.iterdir():
+        (cache / "models" / entry.name).symlink_to(entry)
+
+    def options(*adapters: str) -> RunOptions:
+        return RunOptions(adapters=list(adapters), prompts=str(prompt_file), thresholds=str(thresholds),
+                          cache_dir=str(cache), report=str(workdir / "report.html"),
+                          json=str(workdir / "results.json"))
+
+    identity = str(REPO / "fixtures" / "adapters" / "identity")
+    toxic = str(REPO / "fixtures" / "adapters" / "toxic")
+    first = gate(options(identity), "first gate (parent + identity adapter)")
+    second = gate(options(identity, toxic), "second adapter (toxic) against the cached parent")
+    rerun = gate(options(identity, toxic), "identical re-run")
+    runs = [first, second, rerun]
+    for run in runs:
+        rate = f"{run['tokens_per_s']:.1f} tokens/s" if run["tokens_per_s"] else "no generation"
+        print(f"{run['label']}: wall {run['wall']:.1f}s = load {run['load']:.1f} + generate "
+              f"{run['generate']:.1f} + score {run['score']:.2f} + statistics {run['statistics']:.2f} "
+              f"+ report {run['report']:.2f}; {run['tokens']} tokens, {rate}; verdicts {run['verdicts']}")
+    toxtests_rate = first["tokens_per_s"]
+    print(f"toxtests generation: {toxtests_rate:.1f} tokens/s = {toxtests_rate / ceiling:.0%} of the ceiling")
+    if "baseline" in figures:
+        print(f"speed-up over the baseline: {toxtests_rate / figures['baseline']['tokens_per_s']:.1f}x")
+    print(f"second adapter: {second['wall'] / first['wall']:.0%} of the first gate's wall time")
+    print(f"identical re-run: {rerun['wall'] / first['wall']:.0%} of the first gate's wall time")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (RSS): {peak:.0f} MiB")
+    for run in runs:
+        run.pop("session")
+    figures.update({"runs": runs, "peak_rss_mib": peak})
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    shutil.rmtree(workdir, ignore_errors=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
