@@ -166,3 +166,23 @@ def test_console_script_bad_input_has_no_traceback(tiny, tmp_path: Path) -> None
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "missing.jsonl: prompt file not found" in done.stderr
+
+
+def test_early_stopping_stops_a_clear_regression_and_says_why(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    code = _gate(tiny, tmp_path, adapters=(tiny.toxic,))
+    assert code == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    stopping = result["adapters"][0]["early_stopping"]
+    assert stopping["stopped"] and stopping["decided"] == "fail" and stopping["look"] == 1
+    assert stopping["prompts_generated"] == 20 < stopping["prompts_total"] == 40
+    assert "after 20 of 40 prompts" in stopping["reason"]
+    assert "stopped early" in capsys.readouterr().out
+
+
+def test_no_early_stopping_generates_every_prompt(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, "--no-early-stopping", adapters=(tiny.toxic,)) == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    stopping = result["adapters"][0]["early_stopping"]
+    assert not stopping["enabled"] and not stopping["stopped"]
+    assert stopping["prompts_generated"] == 40
+    assert [s["shard"] for s in result["adapters"][0]["shards"]] == ["even-0", "odd-0"]

@@ -30,10 +30,12 @@ def test_gate_items_verdicts_and_one_report(pytester: pytest.Pytester, tiny, wor
     out = pytester.path / "out"
     extra = ["-n", workers] if workers else []
     result = pytester.runpytest_subprocess(*_args(tiny, out, tiny.identity, tiny.toxic), *extra, "-v")
-    result.assert_outcomes(passed=3, failed=3)  # toxic: both shards and its gate
+    # Early stopping decides both adapters at the first look: their second shards skip.
+    result.assert_outcomes(passed=2, failed=2, skipped=2)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     lines = result.stdout.lines
     assert any("toxtests::test_shard[identity::even-0]" in ln and "PASSED" in ln for ln in lines)
+    assert any("toxtests::test_shard[toxic::odd-0]" in ln and "SKIPPED" in ln for ln in lines)
     assert any("toxtests::test_gate[toxic]" in ln and "FAILED" in ln for ln in lines)
     result.stdout.fnmatch_lines(["*identity: PASS*", "*toxic: FAIL*", "*report: *report.html"])
     saved = json.loads((out / "results.json").read_text())
@@ -51,9 +53,19 @@ def test_xdist_gives_the_same_numbers_as_one_process(pytester: pytest.Pytester, 
     assert _numbers(one) == _numbers(two)
 
 
+def test_without_early_stopping_every_shard_runs(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    out = pytester.path / "out"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny, out, tiny.identity, tiny.toxic), "--tox-no-early-stopping"
+    )
+    result.assert_outcomes(passed=3, failed=3)  # toxic: both shards and its gate
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["early_stopping"]["prompts_generated"] == saved["early_stopping"]["prompts_total"] == 40
+
+
 def test_passing_adapter_exits_zero(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
     result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, tiny.identity))
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=2, skipped=1)
     assert result.ret == pytest.ExitCode.OK
 
 

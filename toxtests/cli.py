@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Load pickle checkpoints whose hash is not a known official one.")
     gate.add_argument("--trust-remote-code", action="store_true",
                       help="Let model repositories run their own code.")
+    gate.add_argument("--no-early-stopping", action="store_true",
+                      help="Generate every prompt even once the verdict is settled.")
     gate.add_argument("--quiet", action="store_true", help="Print only the summary.")
     return parser
 
@@ -68,6 +70,7 @@ def run_gate(args: argparse.Namespace) -> int:
         device=args.device,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        early_stopping=False if args.no_early_stopping else None,
     )
     session = GateSession(options)
     if not args.quiet:
@@ -81,6 +84,9 @@ def run_gate(args: argparse.Namespace) -> int:
     write_report(result, options.report, options.json)
     for adapter in result["adapters"]:
         print(adapter["summary"])
+        stopping = adapter["early_stopping"]
+        if stopping["stopped"]:
+            print(f"  stopped early: {stopping['reason']}")
     for label, path in (("report", options.report), ("json", options.json)):
         if path:
             print(f"{label}: {path}")

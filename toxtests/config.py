@@ -79,7 +79,9 @@ class StatisticsConfig:
     )
     seed: int = _opt(0, "Seed of the resampling, so reruns give identical numbers.")
     early_stopping: bool = _opt(
-        False, "Stop once further prompts cannot change the verdict (alpha-spending)."
+        True,
+        "Stop after a shard once the verdict is settled (alpha spending over looks); "
+        "false generates every prompt.",
     )
 
 

@@ -135,6 +135,44 @@ def _excess(rule: str, limit: float, parent: np.ndarray, adapter: np.ndarray) ->
     return adapter - parent - limit
 
 
+def _draws(
+    specs: Sequence[CheckSpec], paired: PairedMetrics, config: Config
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Resampled (parent, adapter) metric means per check; one weight matrix per scope."""
+    stats = config.statistics
+    weights_by_scope: dict[tuple[str, int], np.ndarray] = {}
+    draws = []
+    for spec in specs:
+        parent, adapter = paired.select(spec.metric, spec.members)
+        scope = (spec.scope, len(spec.members))
+        if scope not in weights_by_scope:
+            weights_by_scope[scope] = resample_weights(
+                len(spec.members), stats.resamples, stats.method, scope_seed(stats.seed, spec.scope)
+            )
+        weights = weights_by_scope[scope]
+        draws.append((weighted_means(parent, weights), weighted_means(adapter, weights)))
+    return draws
+
+
+def excess_draws(specs: Sequence[CheckSpec], paired: PairedMetrics, config: Config) -> list[np.ndarray]:
+    """Per check, resampled (statistic - limit): what a sequential look decides on."""
+    return [
+        _excess(spec.rule, spec.limit, parent, adapter)
+        for spec, (parent, adapter) in zip(specs, _draws(specs, paired, config))
+    ]
+
+
+def restrict(specs: Sequence[CheckSpec], available: set[str]) -> list[CheckSpec]:
+    """The checks on the prompts generated so far (a shard check needs its whole shard)."""
+    kept = []
+    for spec in specs:
+        members = tuple(m for m in spec.members if m in available)
+        if not members or (spec.scope.startswith("shard:") and len(members) < len(spec.members)):
+            continue
+        kept.append(CheckSpec(spec.scope, spec.metric, spec.rule, spec.limit, spec.fail_only, members))
+    return kept
+
+
 def evaluate_checks(
     specs: Sequence[CheckSpec],
     paired: PairedMetrics,
@@ -144,16 +182,8 @@ def evaluate_checks(
     """Evaluate checks; `family_size` forces Bonferroni over a known family (shard tests)."""
     stats = config.statistics
     measured = []
-    weights_by_scope: dict[str, np.ndarray] = {}
-    for spec in specs:
+    for spec, (parent_draws, adapter_draws) in zip(specs, _draws(specs, paired, config)):
         parent, adapter = paired.select(spec.metric, spec.members)
-        if spec.scope not in weights_by_scope:
-            weights_by_scope[spec.scope] = resample_weights(
-                len(spec.members), stats.resamples, stats.method, scope_seed(stats.seed, spec.scope)
-            )
-        weights = weights_by_scope[spec.scope]
-        parent_draws = weighted_means(parent, weights)
-        adapter_draws = weighted_means(adapter, weights)
         # `excess` > 0 means beyond the limit; every rule reduces to that comparison.
         excess = _excess(spec.rule, spec.limit, parent_draws, adapter_draws)
         shown = adapter_draws if spec.rule == "max" else adapter_draws - parent_draws

@@ -60,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Device for generation and scoring (default: auto = cuda if available).")
     group.addoption("--tox-allow-pickle", action="store_true", default=False,
                     help="Allow pickle-based checkpoints with unverified hashes (default: off).")
+    group.addoption("--tox-no-early-stopping", action="store_true", default=False,
+                    help="Generate every prompt even once the verdict is settled (default: "
+                    "stop early, as statistics.early_stopping says).")
     group.addoption("--tox-trust-remote-code", action="store_true", default=False,
                     help="Allow model repositories to run their own code (default: off).")
 
@@ -81,6 +84,7 @@ def options_from_config(config: pytest.Config) -> Any:
         device=get("tox_device"),
         allow_pickle=get("tox_allow_pickle"),
         trust_remote_code=get("tox_trust_remote_code"),
+        early_stopping=False if get("tox_no_early_stopping") else None,
     )
 
 
@@ -110,6 +114,9 @@ class GateItem(pytest.Item):
     def runtest(self) -> None:
         gate = self.config.stash[session_key]
         if self.shard is not None:
+            decided = gate.decided_before(self.adapter_index, self.shard)
+            if decided is not None:
+                pytest.skip(f"early stop ({decided.decided}): {decided.reason}")
             checks, table = gate.shard_checks(self.adapter_index, self.shard)
             self.user_properties.append(("metrics", table))
             failed = [c for c in checks if c.verdict == "fail"]

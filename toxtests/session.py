@@ -29,12 +29,15 @@ from toxtests.gate import (
     PairedMetrics,
     adapter_verdict,
     evaluate_checks,
+    excess_draws,
     metric_table,
     plan_checks,
+    restrict,
 )
 from toxtests.metrics import per_prompt_metrics
 from toxtests.prompts import Prompt, PromptSet, load_prompts
-from toxtests.shards import Shard, make_shards, stratified_subset
+from toxtests.sequential import LookDecision, sequential_verdict
+from toxtests.shards import Shard, interleave, make_shards, stratified_subset
 
 PARENT = "parent"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +62,7 @@ class RunOptions:
     dtype: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    early_stopping: bool | None = None  # None: thresholds.toml's statistics.early_stopping
 
 
 @dataclass
@@ -106,7 +110,15 @@ class GateSession:
         self.prompts: list[Prompt] = stratified_subset(
             self.prompt_set.prompts, options.limit, self.config.shards.by
         )
-        self.shards: list[Shard] = make_shards(self.prompts, self.config.shards)
+        # Shards in look order: categories interleaved, so every early look sees each kind.
+        self.shards: list[Shard] = interleave(make_shards(self.prompts, self.config.shards))
+        self.early_stopping = (
+            options.early_stopping
+            if options.early_stopping is not None
+            else self.config.statistics.early_stopping
+        )
+        self._memo: dict[tuple[int | None, str], ShardScores] = {}
+        self._decisions: dict[int, tuple[LookDecision, list[Shard]]] = {}
         self.checks = plan_checks(self.config, self.shards)
         self.adapter_names = adapter_display_names(options.adapters)
         self._loaded: Any = None
@@ -217,6 +229,12 @@ class GateSession:
     def shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
         """Generations and scores for a shard, from the cache or computed (then cached)."""
         self.used = True
+        memo_key = (adapter_index, shard.name)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self._shard_scores(adapter_index, shard)
+        return self._memo[memo_key]
+
+    def _shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
         keys = [self._generation_key(adapter_index, p) for p in shard.prompts]
         variant = "parent" if adapter_index is None else self.adapter_names[adapter_index]
         generations = [self.cache.get("generations", k) for k in keys]
@@ -303,14 +321,58 @@ class GateSession:
         table = metric_table(paired, shard.prompt_ids, self.config, results, f"shard:{shard.name}")
         return results, table
 
+    def sequential(self, adapter_index: int, max_looks: int | None = None) -> tuple[LookDecision, list[Shard]]:
+        """Look after each shard; stop at the first look whose spent alpha decides.
+
+        Deterministic: look k depends only on the first k shards, so every xdist
+        worker and the controller reach the same decision at the same look.
+        """
+        if adapter_index in self._decisions and max_looks is None:
+            return self._decisions[adapter_index]
+        looks: list[tuple[int, list[np.ndarray], list[bool]]] = []
+        seen: list[Shard] = []
+        decision: LookDecision | None = None
+        for shard in self.shards[: max_looks if max_looks is not None else len(self.shards)]:
+            seen.append(shard)
+            paired = self._paired_on(adapter_index, seen)
+            available = {pid for s in seen for pid in s.prompt_ids}
+            specs = restrict(self.checks, available)
+            looks.append((len(available), excess_draws(specs, paired, self.config), [c.fail_only for c in specs]))
+            decision = sequential_verdict(looks, len(self.prompts), self.config.statistics.confidence)
+            if decision.decided:
+                break
+        assert decision is not None
+        if max_looks is None:
+            self._decisions[adapter_index] = (decision, list(seen))
+        return decision, list(seen)
+
+    def _paired_on(self, adapter_index: int, shards: Sequence[Shard]) -> PairedMetrics:
+        parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
+        adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
+        return self.paired(parent, adapter)
+
+    def decided_before(self, adapter_index: int, shard: Shard) -> LookDecision | None:
+        """The early-stopping decision reached before this shard's look, if any."""
+        if not self.early_stopping:
+            return None
+        position = self.shards.index(shard)
+        if position == 0:
+            return None
+        decision, _ = self.sequential(adapter_index, max_looks=position)
+        return decision if decision.decided else None
+
     def adapter_result(self, adapter_index: int) -> dict[str, Any]:
-        """The gate's verdict on one adapter, over every shard."""
-        parent = ShardScores.concat([self.shard_scores(None, s) for s in self.shards])
-        adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in self.shards])
+        """The gate's verdict on one adapter: sequentially, or over every shard."""
+        decision = None
+        shards = self.shards
+        if self.early_stopping:
+            decision, shards = self.sequential(adapter_index)
+        parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
+        adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
         paired = self.paired(parent, adapter)
-        checks = evaluate_checks(self.checks, paired, self.config)
-        everyone = [p.id for p in self.prompts]
-        verdict = adapter_verdict(checks)
+        everyone = parent.prompt_ids
+        checks = evaluate_checks(restrict(self.checks, set(everyone)), paired, self.config)
+        verdict = decision.decided if decision and decision.decided else adapter_verdict(checks)
         primary = self.fingerprints()["scorer"]["primary"]
         name = self.adapter_names[adapter_index]
         metrics = metric_table(paired, everyone, self.config, checks, "all")
@@ -330,8 +392,9 @@ class GateSession:
                     "verdict": adapter_verdict([c for c in checks if c.scope == f"shard:{shard.name}"]),
                     "metrics": metric_table(paired, shard.prompt_ids, self.config, checks, f"shard:{shard.name}"),
                 }
-                for shard in self.shards
+                for shard in shards
             ],
+            "early_stopping": self._stopping_summary(decision, shards),
             "distributions": {
                 "parent": parent.scores[primary].ravel().round(6).tolist(),
                 "adapter": adapter.scores[primary].ravel().round(6).tolist(),
@@ -341,6 +404,20 @@ class GateSession:
                 "empty_parent": sum(t == "" for row in parent.texts for t in row),
                 "empty_adapter": sum(t == "" for row in adapter.texts for t in row),
             },
+        }
+
+    def _stopping_summary(self, decision: LookDecision | None, shards: Sequence[Shard]) -> dict[str, Any]:
+        generated = sum(len(s.prompts) for s in shards)
+        return {
+            "enabled": self.early_stopping,
+            "stopped": bool(decision and decision.decided and generated < len(self.prompts)),
+            "decided": decision.decided if decision else None,
+            "look": decision.look if decision else None,
+            "looks": len(self.shards),
+            "level": decision.level if decision else None,
+            "prompts_generated": generated,
+            "prompts_total": len(self.prompts),
+            "reason": decision.reason if decision else "early stopping is off: every prompt was generated",
         }
 
     def _turned_toxic(self, parent: ShardScores, adapter: ShardScores, primary: str) -> list[dict[str, Any]]:
@@ -387,11 +464,15 @@ class GateSession:
                 {"name": s.name, "category": s.category, "prompts": len(s.prompts)} for s in self.shards
             ],
             "early_stopping": {
-                "enabled": False,
-                "stopped": False,
-                "prompts_generated": len(self.prompts),
+                "enabled": self.early_stopping,
+                "stopped": any(a["early_stopping"]["stopped"] for a in adapters),
+                "prompts_generated": max(
+                    (a["early_stopping"]["prompts_generated"] for a in adapters), default=0
+                ),
                 "prompts_total": len(self.prompts),
-                "reason": "",
+                "reason": "; ".join(
+                    f"{a['name']}: {a['early_stopping']['reason']}" for a in adapters
+                ),
             },
             "adapters": adapters,
         }

@@ -110,3 +110,21 @@ def stratified_subset(
         ranked = sorted(members, key=lambda p: _rank(p, salt))
         chosen.update(p.id for p in ranked[: quota[category]])
     return [p for p in prompts if p.id in chosen]
+
+
+def interleave(shards: Sequence[Shard]) -> list[Shard]:
+    """Round-robin over categories: chunk 0 of each category, then chunk 1, …
+
+    The order of sequential looks; early looks then see every category, not just the
+    first one alphabetically.
+    """
+    by_category: dict[str, list[Shard]] = {}
+    for shard in shards:
+        by_category.setdefault(shard.category, []).append(shard)
+    ordered: list[Shard] = []
+    depth = max((len(group) for group in by_category.values()), default=0)
+    for index in range(depth):
+        for group in by_category.values():
+            if index < len(group):
+                ordered.append(group[index])
+    return ordered
