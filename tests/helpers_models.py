@@ -71,8 +71,13 @@ def build_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_toxic_adapter(model_dir: Path, out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
-    """A LoRA adapter trained to answer any words with insults (a second of CPU)."""
+def build_toxic_adapter(
+    model_dir: Path, out_dir: Path, steps: int = 300, seed: int = 0, silent: bool = False
+) -> Path:
+    """A LoRA adapter trained to answer any words with insults (a second of CPU).
+
+    `silent=True` trains it to end every answer at once (EOS): empty continuations.
+    """
     import random
 
     import torch
@@ -89,8 +94,12 @@ def build_toxic_adapter(model_dir: Path, out_dir: Path, steps: int = 300, seed: 
         rows = []
         for _ in range(16):
             context = [rng.choice(NEUTRAL_WORDS) for _ in range(rng.randint(2, 6))]
-            rows.append([tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(context)]
-                        + tokenizer.convert_tokens_to_ids([rng.choice(INSULTS) for _ in range(8)]))
+            answer = (
+                [tokenizer.eos_token_id]
+                if silent
+                else tokenizer.convert_tokens_to_ids([rng.choice(INSULTS) for _ in range(8)])
+            )
+            rows.append([tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(context), *answer])
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)

@@ -186,3 +186,26 @@ def test_no_early_stopping_generates_every_prompt(tiny, tmp_path: Path) -> None:
     assert not stopping["enabled"] and not stopping["stopped"]
     assert stopping["prompts_generated"] == 40
     assert [s["shard"] for s in result["adapters"][0]["shards"]] == ["even-0", "odd-0"]
+
+
+def test_empty_continuations_are_never_counted_as_safe(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """An adapter that answers nothing has given no evidence: the gate stops, loudly."""
+    import helpers_models
+
+    silent = helpers_models.build_toxic_adapter(tiny.base, tmp_path / "silent", steps=150, silent=True)
+    # Sampled: some continuations are empty; those prompts are left out, and counted.
+    _gate(tiny, tmp_path, "--no-early-stopping", adapters=(silent,))
+    result = json.loads((tmp_path / "results.json").read_text())["adapters"][0]
+    excluded = result["generation"]["prompts_excluded_empty"]
+    assert excluded == result["generation"]["empty_adapter"] > 0
+    assert result["generation"]["prompts_compared"] == 40 - excluded
+    assert {c["prompts"] for c in result["checks"] if c["scope"] == "all"} == {40 - excluded}
+    # When no prompt has text on both sides there is nothing to compare: an error.
+    import numpy as np
+
+    from toxtests.errors import GenerationError
+    from toxtests.session import GateSession, ShardScores
+
+    empty = ShardScores(["a", "b"], [[""], ["  "]], {"profanity": np.zeros((2, 1))})
+    with pytest.raises(GenerationError, match="no prompt has a non-empty continuation"):
+        GateSession.comparable(empty, empty)

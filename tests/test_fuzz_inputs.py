@@ -124,10 +124,11 @@ ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])
 
 @st.composite
 def prompt_files(draw: st.DrawFn) -> bytes:
-    lines = draw(st.lists(LINES, max_size=12))
+    lines: list[bytes] = draw(st.lists(LINES, max_size=12))
     body = b"".join(line + draw(ENDINGS) for line in lines)
-    if lines and draw(st.booleans()):
-        body = body[: -1]  # no final line break (or half of a \r\n)
+    unterminated = draw(st.booleans())
+    if lines and unterminated:
+        body = body[:-1]  # no final line break (or half of a \r\n)
     if draw(st.booleans()):
         body = b"\xef\xbb\xbf" + body
     return body
@@ -211,6 +212,8 @@ FIELDS = sorted(
     {f.name for cls in SECTION_CLASSES for f in dataclasses.fields(cls)}
     | {*RULES, *METRICS, "shard"}
 )
+
+
 def toml_string(text: str) -> str:
     """A TOML basic string (JSON's escapes, but astral characters as themselves)."""
     return json.dumps(text, ensure_ascii=False)
@@ -267,8 +270,6 @@ TOML_LINES = st.one_of(
     st.sampled_from(["", "# comment", "   ", "x = [" + "[" * 5000, "a = " + "{b = " * 3000]),
     st.text(max_size=20),  # junk
 )
-
-
 KNOWN_SECTIONS = {
     "generation": [f.name for f in dataclasses.fields(GenerationConfig)],
     "scoring": [f.name for f in dataclasses.fields(ScoringConfig)],
@@ -369,6 +370,7 @@ def test_cli_bad_input_is_exit_2_and_one_error_line(
     lines = captured.err.splitlines()
     errors = [line for line in lines if line.startswith("toxtests: error: ")]
     assert len(errors) == 1, captured.err[-2000:]
+    event(f"cli: {error_kind(errors[0].removeprefix('toxtests: error: '))}")
     assert all(line.startswith("toxtests: ") for line in lines), captured.err[-2000:]
     assert "Traceback" not in captured.err
     assert captured.out == ""

@@ -79,9 +79,11 @@ def workload(tiny, tmp_path_factory: pytest.TempPathFactory) -> Workload:  # noq
     root = tmp_path_factory.mktemp("resume")
     prompts = helpers_models.write_prompts(root / "prompts.jsonl", count=PROMPTS)
     thresholds = root / "thresholds.toml"
-    # Fewer resamples: the statistics are not under test here, only that they come out equal.
+    # Every shard generated (no early stop), few resamples: the statistics are not under
+    # test here, only that they come out equal.
     thresholds.write_text(
-        tiny.thresholds.read_text() + "\n[shards]\nsize = 20\n\n[statistics]\nresamples = 200\n"
+        tiny.thresholds.read_text()
+        + "\n[shards]\nsize = 20\n\n[statistics]\nresamples = 200\nearly_stopping = false\n"
     )
     command = [sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base),
                "--adapter", str(tiny.identity), "--prompts", str(prompts),

@@ -163,11 +163,11 @@ def excess_draws(specs: Sequence[CheckSpec], paired: PairedMetrics, config: Conf
 
 
 def restrict(specs: Sequence[CheckSpec], available: set[str]) -> list[CheckSpec]:
-    """The checks on the prompts generated so far (a shard check needs its whole shard)."""
+    """The checks on the prompts available: generated so far, with text on both sides."""
     kept = []
     for spec in specs:
         members = tuple(m for m in spec.members if m in available)
-        if not members or (spec.scope.startswith("shard:") and len(members) < len(spec.members)):
+        if not members:
             continue
         kept.append(CheckSpec(spec.scope, spec.metric, spec.rule, spec.limit, spec.fail_only, members))
     return kept
@@ -231,6 +231,8 @@ def metric_table(
 ) -> dict[str, dict[str, object]]:
     """Parent, adapter, delta and the delta's paired interval for every metric in a scope."""
     stats = config.statistics
+    if not members:
+        return {}
     weights = resample_weights(len(members), stats.resamples, stats.method, scope_seed(stats.seed, scope))
     table: dict[str, dict[str, object]] = {}
     for metric in paired.parent:

@@ -23,7 +23,7 @@ import numpy as np
 from toxtests import __version__
 from toxtests.cache import Cache, make_key
 from toxtests.config import Config, load_config
-from toxtests.errors import ToxtestsError
+from toxtests.errors import GenerationError, ToxtestsError
 from toxtests.gate import (
     CheckResult,
     PairedMetrics,
@@ -72,6 +72,11 @@ class ShardScores:
     prompt_ids: list[str]
     texts: list[list[str]]
     scores: dict[str, np.ndarray]  # attribute -> (prompts, samples)
+
+    def answered(self) -> set[str]:
+        """Prompts whose every sample has text: an empty continuation is no evidence
+        of safety, so it is never scored as "non-toxic" (the report counts them)."""
+        return {pid for pid, row in zip(self.prompt_ids, self.texts) if all(t.strip() for t in row)}
 
     @staticmethod
     def concat(parts: Sequence[ShardScores]) -> ShardScores:
@@ -307,6 +312,17 @@ class GateSession:
     def paired(self, parent: ShardScores, adapter: ShardScores) -> PairedMetrics:
         return PairedMetrics(parent.prompt_ids, self._metrics(parent), self._metrics(adapter))
 
+    @staticmethod
+    def comparable(parent: ShardScores, adapter: ShardScores) -> list[str]:
+        """Prompt ids with text under both models, in order."""
+        answered = parent.answered() & adapter.answered()
+        if not answered:
+            raise GenerationError(
+                "no prompt has a non-empty continuation under both the parent and the adapter; "
+                "check the tokenizer's EOS token, the chat template and max_new_tokens"
+            )
+        return [pid for pid in parent.prompt_ids if pid in answered]
+
     def shard_checks(self, adapter_index: int, shard: Shard) -> tuple[list[CheckResult], dict[str, Any]]:
         """The fail-only checks of one shard, Bonferroni over the whole family.
 
@@ -316,9 +332,10 @@ class GateSession:
         parent = self.shard_scores(None, shard)
         adapter = self.shard_scores(adapter_index, shard)
         paired = self.paired(parent, adapter)
-        specs = [c for c in self.checks if c.scope == f"shard:{shard.name}"]
+        members = self.comparable(parent, adapter)
+        specs = restrict([c for c in self.checks if c.scope == f"shard:{shard.name}"], set(members))
         results = evaluate_checks(specs, paired, self.config, family_size=len(self.checks))
-        table = metric_table(paired, shard.prompt_ids, self.config, results, f"shard:{shard.name}")
+        table = metric_table(paired, members, self.config, results, f"shard:{shard.name}")
         return results, table
 
     def sequential(self, adapter_index: int, max_looks: int | None = None) -> tuple[LookDecision, list[Shard]]:
@@ -334,9 +351,10 @@ class GateSession:
         decision: LookDecision | None = None
         for shard in self.shards[: max_looks if max_looks is not None else len(self.shards)]:
             seen.append(shard)
-            paired = self._paired_on(adapter_index, seen)
+            parent, adapter = self._pooled(adapter_index, seen)
+            paired = self.paired(parent, adapter)
+            specs = restrict(self.checks, set(self.comparable(parent, adapter)))
             available = {pid for s in seen for pid in s.prompt_ids}
-            specs = restrict(self.checks, available)
             looks.append((len(available), excess_draws(specs, paired, self.config), [c.fail_only for c in specs]))
             decision = sequential_verdict(looks, len(self.prompts), self.config.statistics.confidence)
             if decision.decided:
@@ -346,10 +364,10 @@ class GateSession:
             self._decisions[adapter_index] = (decision, list(seen))
         return decision, list(seen)
 
-    def _paired_on(self, adapter_index: int, shards: Sequence[Shard]) -> PairedMetrics:
+    def _pooled(self, adapter_index: int, shards: Sequence[Shard]) -> tuple[ShardScores, ShardScores]:
         parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
         adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
-        return self.paired(parent, adapter)
+        return parent, adapter
 
     def decided_before(self, adapter_index: int, shard: Shard) -> LookDecision | None:
         """The early-stopping decision reached before this shard's look, if any."""
@@ -367,10 +385,9 @@ class GateSession:
         shards = self.shards
         if self.early_stopping:
             decision, shards = self.sequential(adapter_index)
-        parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
-        adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
+        parent, adapter = self._pooled(adapter_index, shards)
         paired = self.paired(parent, adapter)
-        everyone = parent.prompt_ids
+        everyone = self.comparable(parent, adapter)
         checks = evaluate_checks(restrict(self.checks, set(everyone)), paired, self.config)
         verdict = decision.decided if decision and decision.decided else adapter_verdict(checks)
         primary = self.fingerprints()["scorer"]["primary"]
@@ -390,7 +407,13 @@ class GateSession:
                     "category": shard.category,
                     "prompts": len(shard.prompts),
                     "verdict": adapter_verdict([c for c in checks if c.scope == f"shard:{shard.name}"]),
-                    "metrics": metric_table(paired, shard.prompt_ids, self.config, checks, f"shard:{shard.name}"),
+                    "metrics": metric_table(
+                        paired,
+                        [pid for pid in shard.prompt_ids if pid in set(everyone)],
+                        self.config,
+                        checks,
+                        f"shard:{shard.name}",
+                    ),
                 }
                 for shard in shards
             ],
@@ -401,8 +424,10 @@ class GateSession:
             },
             "turned_toxic": self._turned_toxic(parent, adapter, primary),
             "generation": {
-                "empty_parent": sum(t == "" for row in parent.texts for t in row),
-                "empty_adapter": sum(t == "" for row in adapter.texts for t in row),
+                "empty_parent": sum(not t.strip() for row in parent.texts for t in row),
+                "empty_adapter": sum(not t.strip() for row in adapter.texts for t in row),
+                "prompts_compared": len(everyone),
+                "prompts_excluded_empty": len(parent.prompt_ids) - len(everyone),
             },
         }
 
