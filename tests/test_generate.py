@@ -142,3 +142,27 @@ def test_fast_sampler_draws_from_the_nucleus_distribution() -> None:
     frequencies = expected[support].double()
     result = scipy_stats.chisquare(observed.numpy(), (frequencies / frequencies.sum() * draws).numpy())
     assert result.pvalue > 1e-3
+
+
+def test_tokenizer_without_pad_token_gets_eos_and_padding_stays_masked(tiny, tmp_path) -> None:  # noqa: ANN001
+    """A tokenizer with no pad token is handled by design: EOS pads, the mask hides it,
+    so a prompt's continuation is the same alone or batched with longer prompts."""
+    import json
+    import shutil
+
+    from toxtests.models import load_base
+
+    model_dir = tmp_path / "nopad"
+    shutil.copytree(tiny.base, model_dir)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            config.pop("pad_token", None)
+            path.write_text(json.dumps(config))
+    loaded = load_base(str(model_dir), cache_dir=tmp_path / "cache", device="cpu")
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
+    generator = Generator(loaded.model, loaded.tokenizer, GenerationConfig(max_new_tokens=8), "cpu")
+    batched = generator.generate(PROMPTS, None)
+    alone = [generator.generate([p], None)[0] for p in PROMPTS]
+    assert [r[0].text for r in batched] == [r[0].text for r in alone]

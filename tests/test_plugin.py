@@ -52,6 +52,13 @@ def test_xdist_gives_the_same_numbers_as_one_process(pytester: pytest.Pytester, 
     two = json.loads((parallel / "results.json").read_text())
     assert _numbers(one) == _numbers(two)
 
+    # Byte-identical apart from the timestamp and the (different) output paths.
+    def canonical(path: Path, result: dict) -> str:
+        text = path.read_text().replace(result["created"], "<created>")
+        return text.replace(str(path.parent), "<out>")
+
+    assert canonical(serial / "results.json", one) == canonical(parallel / "results.json", two)
+
 
 def test_without_early_stopping_every_shard_runs(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
     out = pytester.path / "out"
