@@ -3,7 +3,7 @@
 Every run is the real `python -m toxtests.cli gate` in a subprocess on the tiny model,
 killed with SIGKILL (no handler runs, as when CI cancels a job or a laptop dies), with
 400 prompts in shards of 20 so that the run spends seconds between its first cache entry
-and its end. Each result is compared with that of one uninterrupted run in a fresh cache.
+and its end. Each result is compared with that of an uninterrupted run in a fresh cache.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,40 +37,32 @@ GENERATING = re.compile(r"^toxtests: generating (\S+) on (\S+) \((\d+) prompts\)
 
 @dataclass
 class Workload:
+    """The gate command on the tiny model, 400 prompts, shards of 20."""
+
     command: list[str]
-    root: Path
 
-    def gate(self, cache: Path, name: str) -> list[str]:
-        outputs = ["--report", str(self.root / f"{name}.html"),
-                   "--json", str(self.root / f"{name}.json")]
-        return [*self.command, "--cache-dir", str(cache), *outputs]
+    def start(self, cache: Path, results: Path, **popen: Any) -> subprocess.Popen[str]:
+        command = [*self.command, "--cache-dir", str(cache), "--report", "", "--json", str(results)]
+        return subprocess.Popen(command, env=ENV, cwd=results.parent, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, **popen)
 
-    def result(self, name: str) -> dict[str, Any]:
-        """The JSON result, without the time it was made (also quoted in the model card)."""
-        result = json.loads((self.root / f"{name}.json").read_text(encoding="utf-8"))
-        created = result.pop("created")
-        result["model_card"] = result["model_card"].replace(created, "<created>")
-        return result
+    def run(self, cache: Path, results: Path) -> str:
+        """Run to completion; its stderr."""
+        return finish(self.start(cache, results))
 
 
-class Reference:
-    """The uninterrupted run, started at once and awaited only when a test needs it."""
+def finish(process: subprocess.Popen[str]) -> str:
+    _, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
 
-    def __init__(self, workload: Workload) -> None:
-        self.workload = workload
-        self.cache = workload.root / "reference-cache"
-        self.process = subprocess.Popen(
-            workload.gate(self.cache, "reference"), env=ENV, cwd=workload.root,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self._result: dict[str, Any] | None = None
 
-    def result(self) -> dict[str, Any]:
-        if self._result is None:
-            _, err = self.process.communicate(timeout=RUN_TIMEOUT)
-            assert self.process.returncode == 0, err[-3000:]
-            self._result = self.workload.result("reference")
-        return self._result
+def result(path: Path) -> dict[str, Any]:
+    """A JSON result without the time it was made (also quoted in the model card)."""
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    created = loaded.pop("created")
+    loaded["model_card"] = loaded["model_card"].replace(created, "<created>")
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +76,9 @@ def workload(tiny, tmp_path_factory: pytest.TempPathFactory) -> Workload:  # noq
         tiny.thresholds.read_text()
         + "\n[shards]\nsize = 20\n\n[statistics]\nresamples = 200\nearly_stopping = false\n"
     )
-    command = [sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base),
-               "--adapter", str(tiny.identity), "--prompts", str(prompts),
-               "--thresholds", str(thresholds)]
-    return Workload(command, root)
-
-
-@pytest.fixture(scope="module")
-def reference(workload: Workload) -> Any:
-    ref = Reference(workload)
-    yield ref
-    if ref.process.poll() is None:
-        ref.process.kill()
-        ref.process.wait()
+    return Workload([sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base),
+                     "--adapter", str(tiny.identity), "--prompts", str(prompts),
+                     "--thresholds", str(thresholds)])
 
 
 def entries(cache: Path) -> dict[Path, tuple[int, bytes]]:
@@ -124,20 +105,13 @@ def generated_prompts(stderr: str) -> int:
     return sum(int(count) for _, _, count in GENERATING.findall(stderr))
 
 
-def run(workload: Workload, cache: Path, name: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(workload.gate(cache, name), env=ENV, cwd=workload.root,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def test_killed_run_resumes_without_redoing_finished_work(
-    workload: Workload, reference: Reference, tmp_path: Path
+    workload: Workload, tmp_path: Path
 ) -> None:
+    # The uninterrupted run, in a cache of its own, alongside.
+    reference = workload.start(tmp_path / "reference-cache", tmp_path / "reference.json")
     cache = tmp_path / "cache"
-    process = subprocess.Popen(workload.gate(cache, "killed"), env=ENV, cwd=workload.root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = workload.start(cache, tmp_path / "killed.json", start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while not any((cache / "generations").glob("*/*.json")):
@@ -146,7 +120,9 @@ def test_killed_run_resumes_without_redoing_finished_work(
             time.sleep(0.01)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
-        process.wait(timeout=30)
+        process.communicate(timeout=30)
+        if reference.poll() is None and sys.exc_info()[0] is not None:
+            reference.kill()
     assert process.returncode == -signal.SIGKILL, "the gate finished before it was killed"
 
     before = entries(cache)
@@ -154,52 +130,45 @@ def test_killed_run_resumes_without_redoing_finished_work(
     assert 0 < generations_before < ENTRIES
     verify(cache)  # SIGKILL leaves whole entries or none: the writes are atomic
 
-    resumed = run(workload, cache, "resumed")
+    stderr = workload.run(cache, tmp_path / "resumed.json")
     after = entries(cache)
     changed = [path for path, stamp in before.items() if after.get(path) != stamp]
     assert changed == [], "finished entries were rewritten"
-    assert generated_prompts(resumed.stderr) == ENTRIES - generations_before
+    assert generated_prompts(stderr) == ENTRIES - generations_before
     assert len(after) == 2 * ENTRIES
-    assert workload.result("resumed") == reference.result()
+    finish(reference)
+    assert result(tmp_path / "resumed.json") == result(tmp_path / "reference.json")
 
 
 def test_truncated_entry_is_reported_once_and_regenerated(
-    workload: Workload, reference: Reference, tmp_path: Path
+    workload: Workload, tmp_path: Path
 ) -> None:
-    reference.result()
     cache = tmp_path / "cache"
-    shutil.copytree(reference.cache, cache)
-    victim = sorted((cache / "generations").glob("*/*.json"))[len(entries(cache)) // 7]
+    workload.run(cache, tmp_path / "clean.json")
+    victim = sorted((cache / "generations").glob("*/*.json"))[PROMPTS // 3]
     whole = victim.read_bytes()
     victim.write_bytes(whole[: len(whole) // 2])
 
-    done = run(workload, cache, "truncated")
-    corrupt = [line for line in done.stderr.splitlines() if "corrupt" in line]
-    assert len(corrupt) == 1, done.stderr[-3000:]
+    stderr = workload.run(cache, tmp_path / "repaired.json")
+    corrupt = [line for line in stderr.splitlines() if "corrupt" in line]
+    assert len(corrupt) == 1, stderr[-3000:]
     assert str(victim) in corrupt[0]
-    assert generated_prompts(done.stderr) == 1
+    assert generated_prompts(stderr) == 1
     assert victim.read_bytes() == whole  # regenerated alone, the same text as in its batch
     verify(cache)
-    assert workload.result("truncated") == reference.result()
+    assert result(tmp_path / "repaired.json") == result(tmp_path / "clean.json")
 
 
-def test_two_gates_on_one_cache_share_the_work(
-    workload: Workload, reference: Reference, tmp_path: Path
-) -> None:
+def test_two_gates_on_one_cache_share_the_work(workload: Workload, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    gates = [
-        subprocess.Popen(workload.gate(cache, f"twin-{i}"), env=ENV, cwd=workload.root,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in (0, 1)
-    ]
-    stderr = [gate.communicate(timeout=RUN_TIMEOUT)[1] for gate in gates]
-    assert [gate.returncode for gate in gates] == [0, 0], [err[-2000:] for err in stderr]
+    twins = [workload.start(cache, tmp_path / f"twin-{i}.json") for i in (0, 1)]
+    stderr = [finish(twin) for twin in twins]
 
-    assert workload.result("twin-0") == workload.result("twin-1") == reference.result()
+    assert result(tmp_path / "twin-0.json") == result(tmp_path / "twin-1.json")
     # The shard lock: every prompt generated once, by one of the two.
     assert generated_prompts(stderr[0]) + generated_prompts(stderr[1]) == ENTRIES
     found = entries(cache)
     assert len(found) == 2 * ENTRIES
-    assert [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"
-            and p not in found] == []  # no temporary or stray files
+    strays = [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert sorted(set(strays) - set(found)) == []  # no temporary or torn files left
     verify(cache)

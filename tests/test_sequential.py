@@ -186,9 +186,10 @@ def test_sequential_verdict_returns_the_first_deciding_look() -> None:
         decided="fail",
         level=levels[1],
         reason=(
-            "after 200 of 300 prompts 1 of 1 checks (positions 0) are beyond their limits "
+            "after 200 of 300 prompts 1 of 1 checks are beyond their limits "
             f"at the spent level {levels[1]:.2g} shared by 1 checks"
         ),
+        beyond=(0,),
     )
 
 

@@ -13,6 +13,13 @@ _fingerprints: dict[tuple[str, int, int], str] = {}
 _lock = threading.Lock()
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; a report should get the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it.
 
@@ -23,6 +30,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -175,6 +175,7 @@ class LookDecision:
     decided: str | None  # "pass", "fail" or None (continue, or the ordinary verdict at the end)
     level: float  # the one-sided level used at this look
     reason: str
+    beyond: tuple[int, ...] = ()  # positions of the checks found beyond their limits
 
 
 def sequential_verdict(
@@ -216,12 +217,11 @@ def sequential_verdict(
         if decided == "fail":
             arrays = _validated(excess_draws, fail_only)
             beyond = _beyond_checks(arrays, level)
-            which = ", ".join(str(index) for index in beyond)
             reason = (
-                f"{where} {len(beyond)} of {len(arrays)} checks (positions {which}) are beyond "
+                f"{where} {len(beyond)} of {len(arrays)} checks are beyond "
                 f"their limits at the spent level {level:.2g} shared by {len(arrays)} checks"
             )
-            return LookDecision(look, prompts, decided, level, reason)
+            return LookDecision(look, prompts, decided, level, reason, tuple(beyond))
         if decided == "pass":
             reason = f"{where} every check is within its limit at the spent level {level:.2g}"
             return LookDecision(look, prompts, decided, level, reason)

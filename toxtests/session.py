@@ -8,6 +8,7 @@ workers share work, and the controller can build the report from the cache alone
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
 import time
@@ -107,7 +108,11 @@ class GateSession:
         from toxtests.models import default_cache_dir
 
         self.options = options
-        self.config: Config = load_config(options.thresholds)
+        # Like pytest.ini: a thresholds.toml in the working directory is the default gate.
+        thresholds = options.thresholds
+        if thresholds is None and Path("thresholds.toml").is_file():
+            thresholds = "thresholds.toml"
+        self.config: Config = load_config(thresholds)
         self.scorer_spec = options.scorer or self.config.scoring.scorer
         self.cache = Cache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
         prompts_source = options.prompts or str(DEMO_PROMPTS)
@@ -358,6 +363,11 @@ class GateSession:
             looks.append((len(available), excess_draws(specs, paired, self.config), [c.fail_only for c in specs]))
             decision = sequential_verdict(looks, len(self.prompts), self.config.statistics.confidence)
             if decision.decided:
+                if decision.beyond:
+                    names = ", ".join(
+                        f"{specs[i].metric} {specs[i].rule} ({specs[i].scope})" for i in decision.beyond
+                    )
+                    decision = dataclasses.replace(decision, reason=f"{decision.reason}: {names}")
                 break
         assert decision is not None
         if max_looks is None:
