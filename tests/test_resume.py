@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,14 @@ class Workload:
     """The gate command on the tiny model, 400 prompts, shards of 20."""
 
     command: list[str]
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(self, cache: Path, results: Path, **popen: Any) -> subprocess.Popen[str]:
         command = [*self.command, "--cache-dir", str(cache), "--report", "", "--json", str(results)]
-        return subprocess.Popen(command, env=ENV, cwd=results.parent, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, **popen)
+        process = subprocess.Popen(command, env=ENV, cwd=results.parent, text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+        self.started.append(process)
+        return process
 
     def run(self, cache: Path, results: Path) -> str:
         """Run to completion; its stderr."""
@@ -79,6 +83,16 @@ def workload(tiny, tmp_path_factory: pytest.TempPathFactory) -> Workload:  # noq
     return Workload([sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base),
                      "--adapter", str(tiny.identity), "--prompts", str(prompts),
                      "--thresholds", str(thresholds)])
+
+
+@pytest.fixture(autouse=True)
+def _no_gate_outlives_its_test(workload: Workload) -> Iterator[None]:
+    yield
+    while workload.started:
+        process = workload.started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def entries(cache: Path) -> dict[Path, tuple[int, bytes]]:
@@ -121,8 +135,6 @@ def test_killed_run_resumes_without_redoing_finished_work(
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.communicate(timeout=30)
-        if reference.poll() is None and sys.exc_info()[0] is not None:
-            reference.kill()
     assert process.returncode == -signal.SIGKILL, "the gate finished before it was killed"
 
     before = entries(cache)
