@@ -160,8 +160,10 @@ def test_truncated_entry_is_reported_once_and_regenerated(
     victim = sorted((cache / "generations").glob("*/*.json"))[PROMPTS // 3]
     whole = victim.read_bytes()
     victim.write_bytes(whole[: len(whole) // 2])
+    others = {path: stamp for path, stamp in entries(cache).items() if path != victim}
 
     stderr = workload.run(cache, tmp_path / "repaired.json")
+    assert {path: stamp for path, stamp in entries(cache).items() if path != victim} == others
     corrupt = [line for line in stderr.splitlines() if "corrupt" in line]
     assert len(corrupt) == 1, stderr[-3000:]
     assert str(victim) in corrupt[0]

@@ -285,7 +285,8 @@ class GateSession:
 
     def _scores(self, generation_keys: list[str], texts: list[list[str]]) -> dict[str, np.ndarray]:
         scorer_fp = self.fingerprints()["scorer"]["fingerprint"]
-        keys = [make_key("scores", scorer_fp, k) for k in generation_keys]
+        # The text is part of the key: a regenerated entry can never reuse another's scores.
+        keys = [make_key("scores", scorer_fp, k, t) for k, t in zip(generation_keys, texts)]
         entries = [self.cache.get("scores", k) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
