@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 prompts instead of 900")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     parser.add_argument("--limit", type=int, default=0, help="prompts to use (default all / 64 quick)")
-    parser.add_argument("--baseline-batch", type=int, default=32)
+    parser.add_argument("--baseline-batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", default="", help="also write the figures here")
@@ -164,10 +164,10 @@ def main() -> None:
     for entry in user_models.iterdir():
         (cache / "models" / entry.name).symlink_to(entry)
 
-    def options(*adapters: str) -> RunOptions:
+    def options(*adapters: str, early_stopping: bool = False, cache_dir: Path = cache) -> RunOptions:
         return RunOptions(adapters=list(adapters), prompts=str(prompt_file), thresholds=str(thresholds),
-                          cache_dir=str(cache), report=str(workdir / "report.html"),
-                          json=str(workdir / "results.json"))
+                          cache_dir=str(cache_dir), report=str(workdir / "report.html"),
+                          json=str(workdir / "results.json"), early_stopping=early_stopping)
 
     identity = str(REPO / "fixtures" / "adapters" / "identity")
     toxic = str(REPO / "fixtures" / "adapters" / "toxic")
@@ -186,6 +186,21 @@ def main() -> None:
         print(f"speed-up over the baseline: {toxtests_rate / figures['baseline']['tokens_per_s']:.1f}x")
     print(f"second adapter: {second['wall'] / first['wall']:.0%} of the first gate's wall time")
     print(f"identical re-run: {rerun['wall'] / first['wall']:.0%} of the first gate's wall time")
+    # Early stopping, on a cold cache: how much of the work does a clear verdict need?
+    cold = workdir / "cache-early"
+    (cold / "models").mkdir(parents=True)
+    for entry in user_models.iterdir():
+        (cold / "models" / entry.name).symlink_to(entry)
+    early = gate(options(identity, toxic, early_stopping=True, cache_dir=cold),
+                 "early stopping on (identity + toxic, cold cache)")
+    print(f"{early['label']}: wall {early['wall']:.1f}s, verdicts {early['verdicts']}")
+    result = json.loads((workdir / "results.json").read_text())
+    for adapter in result["adapters"]:
+        stop = adapter["early_stopping"]
+        print(f"  {adapter['name']}: {stop['decided'] or adapter['verdict']} after "
+              f"{stop['prompts_generated']} of {stop['prompts_total']} prompts "
+              f"({stop['prompts_generated'] / stop['prompts_total']:.0%}); {stop['reason']}")
+    runs.append(early)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")
     for run in runs:
