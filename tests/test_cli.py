@@ -209,3 +209,11 @@ def test_empty_continuations_are_never_counted_as_safe(tiny, tmp_path: Path, cap
     empty = ShardScores(["a", "b"], [[""], ["  "]], {"profanity": np.zeros((2, 1))})
     with pytest.raises(GenerationError, match="no prompt has a non-empty continuation"):
         GateSession.comparable(empty, empty)
+
+
+def test_model_with_only_pickle_weights_is_refused(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    pickled = tmp_path / "pickled-base"
+    shutil.copytree(tiny.base, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert _gate(tiny, tmp_path, "--model", str(pickled)) == 2
+    assert "holds only pickle weights" in _one_line_error(capsys)

@@ -113,3 +113,9 @@ def test_fixtures_are_usable_in_user_tests(pytester: pytest.Pytester, tiny) -> N
     args = _args(tiny, pytester.path)
     result = pytester.runpytest_subprocess(*args, "test_mine.py")
     result.assert_outcomes(passed=1)
+
+
+def test_missing_adapter_is_a_usage_error(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
+    result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, pytester.path / "no-such-lora"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*no-such-lora: adapter path not found*"])

@@ -271,7 +271,7 @@ def adapter_fingerprint(spec: str) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _check_adapter_dir(spec: str, allow_pickle: bool) -> None:
+def check_adapter_dir(spec: str, allow_pickle: bool) -> None:
     path = Path(spec).expanduser()
     if not path.exists():
         # "user/repo" is a Hub id; anything else that does not exist is a mistyped path.
@@ -304,7 +304,7 @@ def attach_adapters(
     taken: set[str] = set()
     model = loaded.model
     for index, spec in enumerate(specs):
-        _check_adapter_dir(spec, allow_pickle)
+        check_adapter_dir(spec, allow_pickle)
         name = adapter_name(spec, taken)
         taken.add(name)
         peft_name = f"adapter{index}"

@@ -130,6 +130,10 @@ class GateSession:
         self._memo: dict[tuple[int | None, str], ShardScores] = {}
         self._decisions: dict[int, tuple[LookDecision, list[Shard]]] = {}
         self.checks = plan_checks(self.config, self.shards)
+        from toxtests.models import check_adapter_dir
+
+        for spec in options.adapters:  # a mistyped path is a usage error, before any load
+            check_adapter_dir(spec, options.allow_pickle)
         self.adapter_names = adapter_display_names(options.adapters)
         self._loaded: Any = None
         self._scorer: Any = None
