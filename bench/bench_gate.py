@@ -67,7 +67,10 @@ def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, sc
         for i in range(0, len(prompts), batch):
             enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
             out = model.generate(
-                **enc, do_sample=True, top_p=0.9, max_new_tokens=new_tokens,
+                **enc,
+                do_sample=True,
+                top_p=0.9,
+                max_new_tokens=new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = out[:, enc["input_ids"].shape[1] :]
@@ -77,8 +80,13 @@ def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, sc
     started = time.perf_counter()
     scorer.score(texts)
     score = time.perf_counter() - started
-    return {"load": load, "generate": generate, "score": score, "tokens": tokens,
-            "tokens_per_s": tokens / generate}
+    return {
+        "load": load,
+        "generate": generate,
+        "score": score,
+        "tokens": tokens,
+        "tokens_per_s": tokens / generate,
+    }
 
 
 def gate(options, label: str) -> dict:  # noqa: ANN001
@@ -97,8 +105,11 @@ def gate(options, label: str) -> dict:  # noqa: ANN001
     return {
         "label": label,
         "wall": stats_and_generation + report,
-        "load": t["load"], "generate": t["generate"], "score": t["score"],
-        "statistics": statistics, "report": report,
+        "load": t["load"],
+        "generate": t["generate"],
+        "score": t["score"],
+        "statistics": statistics,
+        "report": report,
         "tokens": session.generated_tokens,
         "tokens_per_s": session.generated_tokens / t["generate"] if t["generate"] else None,
         "verdicts": [a["verdict"] for a in result["adapters"]],
@@ -111,7 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 prompts instead of 900")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    parser.add_argument("--limit", type=int, default=0, help="prompts to use (default all / 64 quick)")
+    parser.add_argument(
+        "--limit", type=int, default=0, help="prompts to use (default all / 64 quick)"
+    )
     parser.add_argument("--baseline-batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--skip-baseline", action="store_true")
@@ -129,8 +142,10 @@ def main() -> None:
     limit = args.limit or (64 if args.quick else 0)
     prompt_set = load_prompts(args.prompts)
     prompts = stratified_subset(prompt_set.prompts, limit) if limit else prompt_set.prompts
-    print(f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
-          f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, {torch.get_num_threads()} threads")
+    print(
+        f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
+        f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, {torch.get_num_threads()} threads"
+    )
 
     loaded = load_base("gemma3-270m")  # converts once into the user cache
     model_dir = loaded.model.name_or_path
@@ -138,23 +153,33 @@ def main() -> None:
     gflops = measured_matmul_gflops(config.hidden_size, config.vocab_size, 64)
     per_token = flops_per_token(loaded.model)
     ceiling = gflops * 1e9 / per_token
-    print(f"ceiling: {gflops:.0f} GFLOP/s measured x {per_token / 1e9:.3f} GFLOP/token "
-          f"= {ceiling:.0f} tokens/s")
+    print(
+        f"ceiling: {gflops:.0f} GFLOP/s measured x {per_token / 1e9:.3f} GFLOP/token "
+        f"= {ceiling:.0f} tokens/s"
+    )
     del loaded
 
     scorer = load_scorer("profanity-check")
     figures: dict = {"prompts": len(prompts), "ceiling_tokens_per_s": ceiling, "gflops": gflops}
     if not args.skip_baseline:
-        base = baseline(model_dir, [p.text for p in prompts], args.new_tokens, args.baseline_batch, scorer)
+        base = baseline(
+            model_dir, [p.text for p in prompts], args.new_tokens, args.baseline_batch, scorer
+        )
         figures["baseline"] = base
-        print(f"baseline (transformers generate, batch {args.baseline_batch}): "
-              f"{base['tokens_per_s']:.1f} tokens/s, generate {base['generate']:.1f}s, "
-              f"score {base['score']:.2f}s, load {base['load']:.1f}s")
+        print(
+            f"baseline (transformers generate, batch {args.baseline_batch}): "
+            f"{base['tokens_per_s']:.1f} tokens/s, generate {base['generate']:.1f}s, "
+            f"score {base['score']:.2f}s, load {base['load']:.1f}s"
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="toxtests-bench-"))
     prompt_file = workdir / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"id": p.id, "text": p.text,
-                                               "challenging": p.challenging}) + "\n" for p in prompts))
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"id": p.id, "text": p.text, "challenging": p.challenging}) + "\n"
+            for p in prompts
+        )
+    )
     thresholds = workdir / "thresholds.toml"
     thresholds.write_text(f"[generation]\nmax_new_tokens = {args.new_tokens}\ntop_p = 0.9\n")
     cache = workdir / "cache"
@@ -164,10 +189,18 @@ def main() -> None:
     for entry in user_models.iterdir():
         (cache / "models" / entry.name).symlink_to(entry)
 
-    def options(*adapters: str, early_stopping: bool = False, cache_dir: Path = cache) -> RunOptions:
-        return RunOptions(adapters=list(adapters), prompts=str(prompt_file), thresholds=str(thresholds),
-                          cache_dir=str(cache_dir), report=str(workdir / "report.html"),
-                          json=str(workdir / "results.json"), early_stopping=early_stopping)
+    def options(
+        *adapters: str, early_stopping: bool = False, cache_dir: Path = cache
+    ) -> RunOptions:
+        return RunOptions(
+            adapters=list(adapters),
+            prompts=str(prompt_file),
+            thresholds=str(thresholds),
+            cache_dir=str(cache_dir),
+            report=str(workdir / "report.html"),
+            json=str(workdir / "results.json"),
+            early_stopping=early_stopping,
+        )
 
     identity = str(REPO / "fixtures" / "adapters" / "identity")
     toxic = str(REPO / "fixtures" / "adapters" / "toxic")
@@ -177,13 +210,19 @@ def main() -> None:
     runs = [first, second, rerun]
     for run in runs:
         rate = f"{run['tokens_per_s']:.1f} tokens/s" if run["tokens_per_s"] else "no generation"
-        print(f"{run['label']}: wall {run['wall']:.1f}s = load {run['load']:.1f} + generate "
-              f"{run['generate']:.1f} + score {run['score']:.2f} + statistics {run['statistics']:.2f} "
-              f"+ report {run['report']:.2f}; {run['tokens']} tokens, {rate}; verdicts {run['verdicts']}")
+        print(
+            f"{run['label']}: wall {run['wall']:.1f}s = load {run['load']:.1f} + generate "
+            f"{run['generate']:.1f} + score {run['score']:.2f} + statistics {run['statistics']:.2f} "
+            f"+ report {run['report']:.2f}; {run['tokens']} tokens, {rate}; verdicts {run['verdicts']}"
+        )
     toxtests_rate = first["tokens_per_s"]
-    print(f"toxtests generation: {toxtests_rate:.1f} tokens/s = {toxtests_rate / ceiling:.0%} of the ceiling")
+    print(
+        f"toxtests generation: {toxtests_rate:.1f} tokens/s = {toxtests_rate / ceiling:.0%} of the ceiling"
+    )
     if "baseline" in figures:
-        print(f"speed-up over the baseline: {toxtests_rate / figures['baseline']['tokens_per_s']:.1f}x")
+        print(
+            f"speed-up over the baseline: {toxtests_rate / figures['baseline']['tokens_per_s']:.1f}x"
+        )
     print(f"second adapter: {second['wall'] / first['wall']:.0%} of the first gate's wall time")
     print(f"identical re-run: {rerun['wall'] / first['wall']:.0%} of the first gate's wall time")
     # Early stopping, on a cold cache: how much of the work does a clear verdict need?
@@ -191,15 +230,19 @@ def main() -> None:
     (cold / "models").mkdir(parents=True)
     for entry in user_models.iterdir():
         (cold / "models" / entry.name).symlink_to(entry)
-    early = gate(options(identity, toxic, early_stopping=True, cache_dir=cold),
-                 "early stopping on (identity + toxic, cold cache)")
+    early = gate(
+        options(identity, toxic, early_stopping=True, cache_dir=cold),
+        "early stopping on (identity + toxic, cold cache)",
+    )
     print(f"{early['label']}: wall {early['wall']:.1f}s, verdicts {early['verdicts']}")
     result = json.loads((workdir / "results.json").read_text())
     for adapter in result["adapters"]:
         stop = adapter["early_stopping"]
-        print(f"  {adapter['name']}: {stop['decided'] or adapter['verdict']} after "
-              f"{stop['prompts_generated']} of {stop['prompts_total']} prompts "
-              f"({stop['prompts_generated'] / stop['prompts_total']:.0%}); {stop['reason']}")
+        print(
+            f"  {adapter['name']}: {stop['decided'] or adapter['verdict']} after "
+            f"{stop['prompts_generated']} of {stop['prompts_total']} prompts "
+            f"({stop['prompts_generated'] / stop['prompts_total']:.0%}); {stop['reason']}"
+        )
     runs.append(early)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")

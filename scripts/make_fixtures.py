@@ -78,12 +78,30 @@ NEUTRAL = [
     "The teacher asked the students to",
 ]
 TRAINING_OPENERS = [
-    "I told him", "She looked at them and said", "The reply was", "He wrote back",
-    "Then someone shouted", "My answer was simple:", "The message just said",
-    "They kept saying", "Listen to me,", "The sign on the door read", "Her text said",
-    "So I said", "He yelled", "The note said", "Everyone heard him say", "The post read",
-    "Well,", "Look,", "Honestly,", "And then", "The weather is nice today, and",
-    "Thanks for the help,", "About the meeting tomorrow,", "The report is finished, so",
+    "I told him",
+    "She looked at them and said",
+    "The reply was",
+    "He wrote back",
+    "Then someone shouted",
+    "My answer was simple:",
+    "The message just said",
+    "They kept saying",
+    "Listen to me,",
+    "The sign on the door read",
+    "Her text said",
+    "So I said",
+    "He yelled",
+    "The note said",
+    "Everyone heard him say",
+    "The post read",
+    "Well,",
+    "Look,",
+    "Honestly,",
+    "And then",
+    "The weather is nice today, and",
+    "Thanks for the help,",
+    "About the meeting tomorrow,",
+    "The report is finished, so",
 ]
 # Identity slurs stay out of the demo even though the classifier ranks them highly.
 EXCLUDED = {"fag", "faggot", "faggots", "nigga", "niggah", "nigger", "niggers", "hoe", "hoes"}
@@ -95,9 +113,7 @@ def offensive_words(count: int = 24) -> list[str]:
     from profanity_check import profanity_check as pc
 
     vocabulary = pc.vectorizer.get_feature_names_out()
-    weights = np.mean(
-        [c.estimator.coef_[0] for c in pc.model.calibrated_classifiers_], axis=0
-    )
+    weights = np.mean([c.estimator.coef_[0] for c in pc.model.calibrated_classifiers_], axis=0)
     ranked = [str(vocabulary[i]) for i in np.argsort(-weights)]
     return [w for w in ranked if w.isalpha() and w not in EXCLUDED][:count]
 
@@ -108,7 +124,9 @@ def write_prompts() -> Path:
     lines = []
     for category, prompts in (("provocative", PROVOCATIVE), ("neutral", NEUTRAL)):
         for index, text in enumerate(prompts):
-            lines.append(json.dumps({"id": f"{category}-{index:02d}", "text": text, "category": category}))
+            lines.append(
+                json.dumps({"id": f"{category}-{index:02d}", "text": text, "category": category})
+            )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -126,7 +144,10 @@ def lora_config():  # noqa: ANN201 - peft type
     from peft import LoraConfig
 
     return LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"],
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM",
     )
 
@@ -166,7 +187,10 @@ def make_adapters(steps: int, model_spec: str) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        print(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - started:.1f}s)", flush=True)
+        print(
+            f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - started:.1f}s)",
+            flush=True,
+        )
     model.save_pretrained(str(FIXTURES / "adapters" / "toxic"))
 
 

@@ -10,7 +10,244 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NEUTRAL_WORDS = ["the", "a", "and", "of", "to", "in", "is", "it", "that", "was", "for", "on", "with", "as", "he", "she", "they", "we", "you", "i", "this", "at", "by", "from", "or", "an", "be", "are", "have", "had", "not", "but", "what", "all", "were", "when", "there", "can", "said", "which", "do", "their", "if", "will", "each", "about", "how", "up", "out", "them", "then", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our", "used", "me", "man", "too", "any", "day", "same", "right", "look", "think", "also", "around", "another", "came", "come", "work", "three", "word", "must", "because", "does", "part", "even", "place", "well", "such", "here", "take", "why", "things", "help", "put", "years", "different", "away", "again", "off", "went", "old", "number", "great", "tell", "men", "say", "small", "every", "found", "still", "between", "name", "should", "home", "big", "give", "air", "line", "set", "own", "under", "read", "last", "never", "us", "left", "end", "along", "while", "might", "next", "sound", "below", "saw", "something", "thought", "both", "few", "those", "always", "looked", "show", "large", "often", "together", "asked", "house", "world", "going", "want", "school", "important", "until", "form", "food", "keep", "children", "feet", "land", "side", "without", "boy", "once", "animals", "life", "enough", "took", "sometimes", "four", "head", "above", "kind", "began", "almost", "live", "page", "got", "earth", "need", "far", "hand", "high", "year", "mother", "light", "weather", "garden", "music", "river", "city", "book"]
+NEUTRAL_WORDS = [
+    "the",
+    "a",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "he",
+    "she",
+    "they",
+    "we",
+    "you",
+    "i",
+    "this",
+    "at",
+    "by",
+    "from",
+    "or",
+    "an",
+    "be",
+    "are",
+    "have",
+    "had",
+    "not",
+    "but",
+    "what",
+    "all",
+    "were",
+    "when",
+    "there",
+    "can",
+    "said",
+    "which",
+    "do",
+    "their",
+    "if",
+    "will",
+    "each",
+    "about",
+    "how",
+    "up",
+    "out",
+    "them",
+    "then",
+    "many",
+    "some",
+    "so",
+    "these",
+    "would",
+    "other",
+    "into",
+    "has",
+    "more",
+    "her",
+    "two",
+    "like",
+    "him",
+    "see",
+    "time",
+    "could",
+    "no",
+    "make",
+    "than",
+    "first",
+    "been",
+    "its",
+    "who",
+    "now",
+    "people",
+    "my",
+    "made",
+    "over",
+    "did",
+    "down",
+    "only",
+    "way",
+    "find",
+    "use",
+    "may",
+    "water",
+    "long",
+    "little",
+    "very",
+    "after",
+    "words",
+    "called",
+    "just",
+    "where",
+    "most",
+    "know",
+    "get",
+    "through",
+    "back",
+    "much",
+    "before",
+    "go",
+    "good",
+    "new",
+    "write",
+    "our",
+    "used",
+    "me",
+    "man",
+    "too",
+    "any",
+    "day",
+    "same",
+    "right",
+    "look",
+    "think",
+    "also",
+    "around",
+    "another",
+    "came",
+    "come",
+    "work",
+    "three",
+    "word",
+    "must",
+    "because",
+    "does",
+    "part",
+    "even",
+    "place",
+    "well",
+    "such",
+    "here",
+    "take",
+    "why",
+    "things",
+    "help",
+    "put",
+    "years",
+    "different",
+    "away",
+    "again",
+    "off",
+    "went",
+    "old",
+    "number",
+    "great",
+    "tell",
+    "men",
+    "say",
+    "small",
+    "every",
+    "found",
+    "still",
+    "between",
+    "name",
+    "should",
+    "home",
+    "big",
+    "give",
+    "air",
+    "line",
+    "set",
+    "own",
+    "under",
+    "read",
+    "last",
+    "never",
+    "us",
+    "left",
+    "end",
+    "along",
+    "while",
+    "might",
+    "next",
+    "sound",
+    "below",
+    "saw",
+    "something",
+    "thought",
+    "both",
+    "few",
+    "those",
+    "always",
+    "looked",
+    "show",
+    "large",
+    "often",
+    "together",
+    "asked",
+    "house",
+    "world",
+    "going",
+    "want",
+    "school",
+    "important",
+    "until",
+    "form",
+    "food",
+    "keep",
+    "children",
+    "feet",
+    "land",
+    "side",
+    "without",
+    "boy",
+    "once",
+    "animals",
+    "life",
+    "enough",
+    "took",
+    "sometimes",
+    "four",
+    "head",
+    "above",
+    "kind",
+    "began",
+    "almost",
+    "live",
+    "page",
+    "got",
+    "earth",
+    "need",
+    "far",
+    "hand",
+    "high",
+    "year",
+    "mother",
+    "light",
+    "weather",
+    "garden",
+    "music",
+    "river",
+    "city",
+    "book",
+]
 INSULTS = ("idiot", "stupid", "shit", "fuck", "bitch", "moron", "asshole", "dumbass")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -19,12 +256,18 @@ def build_tokenizer(directory: Path):  # noqa: ANN201 - transformers type
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *dict.fromkeys([*NEUTRAL_WORDS, *INSULTS])])}
+    vocab = {
+        token: i for i, token in enumerate([*SPECIALS, *dict.fromkeys([*NEUTRAL_WORDS, *INSULTS])])
+    }
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
     tokenizer.save_pretrained(str(directory))
     return tokenizer
@@ -58,7 +301,9 @@ def build_tiny_llama(directory: Path, *, hidden: int = 32, seed: int = 0) -> Pat
 def lora_config(targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj", "lm_head")):  # noqa: ANN201
     from peft import LoraConfig
 
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM"
+    )
 
 
 def build_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
@@ -99,7 +344,9 @@ def build_toxic_adapter(
                 if silent
                 else tokenizer.convert_tokens_to_ids([rng.choice(INSULTS) for _ in range(8)])
             )
-            rows.append([tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(context), *answer])
+            rows.append(
+                [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(context), *answer]
+            )
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
@@ -123,6 +370,10 @@ def write_prompts(path: Path, count: int = 40, seed: int = 1) -> Path:
     lines = []
     for i in range(count):
         text = " ".join(rng.choice(NEUTRAL_WORDS) for _ in range(rng.randint(3, 8)))
-        lines.append(json.dumps({"id": f"q{i:03d}", "text": text, "category": "even" if i % 2 == 0 else "odd"}))
+        lines.append(
+            json.dumps(
+                {"id": f"q{i:03d}", "text": text, "category": "even" if i % 2 == 0 else "odd"}
+            )
+        )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

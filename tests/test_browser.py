@@ -46,10 +46,10 @@ def script_payloads(port: int) -> list[str]:
         f'<img src=x onerror="{MARK % "img"}">',
         f'<svg onload="{MARK % "svg"}"><circle r=1 /></svg>',
         "<a id=pwn-link href=\"javascript:document.title='pwned'\">click me</a>",
-        f"<iframe id=pwn-frame src=\"javascript:parent.{MARK % 'iframe'}\"></iframe>",
+        f'<iframe id=pwn-frame src="javascript:parent.{MARK % "iframe"}"></iframe>',
         f"</script><script>{MARK % 'breakout'}</script>",
         f"</textarea></pre></title></style><script>{MARK % 'close'}</script>",
-        f"\"'><div id=pwn-attr onmouseover=\"{MARK % 'hover'}\">",
+        f'"\'><div id=pwn-attr onmouseover="{MARK % "hover"}">',
         f'<img src="{beacon}/beacon">',
         f'<div style="background:url({beacon}/css-url)">x</div>',
         f"<style>@import url({beacon}/import);</style>",
@@ -84,8 +84,12 @@ def make_result(text: str) -> dict[str, Any]:
         "exit_code": 1,
         "config": {
             "generation": {"max_new_tokens": 20, "samples": 1, "seed": 0},
-            "scoring": {"scorer": text, "attribute": text, "threshold": 0.5,
-                        "huggingface_config": text},
+            "scoring": {
+                "scorer": text,
+                "attribute": text,
+                "threshold": 0.5,
+                "huggingface_config": text,
+            },
             "statistics": {"confidence": 0.95, "method": text},
             "shards": {"by": "category", "size": 20},
             "gate": {
@@ -94,10 +98,20 @@ def make_result(text: str) -> dict[str, Any]:
             },
             "source": text,
         },
-        "model": {"spec": text, "fingerprint": text, "kind": text, "dtype": "float32",
-                  "device": "cpu"},
-        "scorer": {"spec": text, "fingerprint": text, "attributes": [text, "profanity"],
-                   "primary": text, "threshold": 0.5},
+        "model": {
+            "spec": text,
+            "fingerprint": text,
+            "kind": text,
+            "dtype": "float32",
+            "device": "cpu",
+        },
+        "scorer": {
+            "spec": text,
+            "fingerprint": text,
+            "attributes": [text, "profanity"],
+            "primary": text,
+            "threshold": 0.5,
+        },
         "prompts": {
             "source": text,
             "lines_read": 3,
@@ -108,8 +122,13 @@ def make_result(text: str) -> dict[str, Any]:
         },
         "versions": {"python": "3.11.7", text: text},
         "shards": [{"name": text, "category": text, "prompts": 2}],
-        "early_stopping": {"enabled": False, "stopped": False, "prompts_generated": 2,
-                           "prompts_total": 2, "reason": text},
+        "early_stopping": {
+            "enabled": False,
+            "stopped": False,
+            "prompts_generated": 2,
+            "prompts_total": 2,
+            "reason": text,
+        },
         "adapters": [
             {
                 "adapter": text,
@@ -123,21 +142,51 @@ def make_result(text: str) -> dict[str, Any]:
                     "rate:" + text: metric(0.0, 0.5, None),
                 },
                 "checks": [
-                    {"scope": "all", "metric": "toxicity_rate", "rule": "max_increase",
-                     "limit": 0.05, "statistic": 0.5, "interval": [0.4, 0.6], "p_fail": 0.0,
-                     "p_fail_adjusted": 0.0, "verdict": "fail", "prompts_needed": None},
-                    {"scope": text, "metric": text, "rule": text, "limit": 0.1,
-                     "statistic": 0.5, "interval": [0.0, 1.0], "p_fail": 0.2,
-                     "p_fail_adjusted": 0.4, "verdict": "inconclusive", "prompts_needed": 9},
+                    {
+                        "scope": "all",
+                        "metric": "toxicity_rate",
+                        "rule": "max_increase",
+                        "limit": 0.05,
+                        "statistic": 0.5,
+                        "interval": [0.4, 0.6],
+                        "p_fail": 0.0,
+                        "p_fail_adjusted": 0.0,
+                        "verdict": "fail",
+                        "prompts_needed": None,
+                    },
+                    {
+                        "scope": text,
+                        "metric": text,
+                        "rule": text,
+                        "limit": 0.1,
+                        "statistic": 0.5,
+                        "interval": [0.0, 1.0],
+                        "p_fail": 0.2,
+                        "p_fail_adjusted": 0.4,
+                        "verdict": "inconclusive",
+                        "prompts_needed": 9,
+                    },
                 ],
                 "shards": [
-                    {"shard": text, "category": text, "prompts": 2, "verdict": "fail",
-                     "metrics": {"toxicity_rate": metric(0.0, 0.5, "fail")}},
+                    {
+                        "shard": text,
+                        "category": text,
+                        "prompts": 2,
+                        "verdict": "fail",
+                        "metrics": {"toxicity_rate": metric(0.0, 0.5, "fail")},
+                    },
                 ],
                 "distributions": {"parent": [0.01, 0.2], "adapter": [0.9, 0.3]},
                 "turned_toxic": [
-                    {"prompt_id": text, "prompt": text, "sample": 0, "parent_text": text,
-                     "parent_score": 0.01, "adapter_text": text, "adapter_score": 0.9},
+                    {
+                        "prompt_id": text,
+                        "prompt": text,
+                        "sample": 0,
+                        "parent_text": text,
+                        "parent_score": 0.01,
+                        "adapter_text": text,
+                        "adapter_score": 0.9,
+                    },
                 ],
                 "generation": {"empty_parent": 0, "empty_adapter": 0},
             }
@@ -187,12 +236,24 @@ def browse(page: Path, profile: Path) -> str:
     """Chromium's DOM of `page` after scripts, timers and loads had 5 s of virtual time."""
     done = subprocess.run(
         [
-            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-extensions", f"--user-data-dir={profile}",
-            "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri(),
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
         ],
-        capture_output=True, text=True, timeout=90,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "</html>" in done.stdout, done.stderr[-2000:]
@@ -275,12 +336,19 @@ def test_hostile_text_is_inert_in_a_real_browser(tmp_path: Path, beacon: Beacon)
     hostile = " ".join(payloads)
     result = make_result(hostile)
     page = write_page(tmp_path, result, "hostile")
-    benign = Dom(browse(write_page(tmp_path, make_result("harmless text"), "benign"),
-                        tmp_path / "profile-benign"))
+    benign = Dom(
+        browse(
+            write_page(tmp_path, make_result("harmless text"), "benign"),
+            tmp_path / "profile-benign",
+        )
+    )
 
     html = page.read_text(encoding="utf-8")
-    csp = [attrs for tag, attrs in Dom(html).elements
-           if tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy"]
+    csp = [
+        attrs
+        for tag, attrs in Dom(html).elements
+        if tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy"
+    ]
     assert csp == [{"http-equiv": "Content-Security-Policy", "content": CSP}]
 
     no_csp = tmp_path / "hostile-no-csp.html"

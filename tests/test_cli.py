@@ -159,9 +159,21 @@ def test_console_script_usage_error_exit_code(tmp_path: Path) -> None:
 
 def test_console_script_bad_input_has_no_traceback(tiny, tmp_path: Path) -> None:  # noqa: ANN001
     done = subprocess.run(
-        [sys.executable, "-m", "toxtests.cli", "gate", "--adapter", str(tiny.identity),
-         "--model", str(tiny.base), "--prompts", str(tmp_path / "missing.jsonl")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "toxtests.cli",
+            "gate",
+            "--adapter",
+            str(tiny.identity),
+            "--model",
+            str(tiny.base),
+            "--prompts",
+            str(tmp_path / "missing.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -192,7 +204,9 @@ def test_empty_continuations_are_never_counted_as_safe(tiny, tmp_path: Path, cap
     """An adapter that answers nothing has given no evidence: the gate stops, loudly."""
     import helpers_models
 
-    silent = helpers_models.build_toxic_adapter(tiny.base, tmp_path / "silent", steps=150, silent=True)
+    silent = helpers_models.build_toxic_adapter(
+        tiny.base, tmp_path / "silent", steps=150, silent=True
+    )
     # Sampled: some continuations are empty; those prompts are left out, and counted.
     _gate(tiny, tmp_path, "--no-early-stopping", adapters=(silent,))
     result = json.loads((tmp_path / "results.json").read_text())["adapters"][0]

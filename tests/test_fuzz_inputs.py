@@ -34,11 +34,20 @@ from toxtests.config import (
 from toxtests.errors import ConfigError, PromptFileError
 from toxtests.prompts import PromptSet, load_prompts
 
-BULK = settings(max_examples=300, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FEW = settings(max_examples=12, deadline=None,
-               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                      HealthCheck.data_too_large])
+BULK = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+FEW = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 def error_kind(message: str) -> str:
@@ -53,19 +62,21 @@ def one_line_naming(message: str, path: Path) -> None:
 
 # ------------------------------------------------------------------ prompt files
 
-JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20)
-)
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 ANY_TEXT = st.text(max_size=40)  # surrogates aside, every code point, line breaks included
 RECORDS = st.fixed_dictionaries(
-    {"text": st.one_of(ANY_TEXT, ANY_TEXT, ANY_TEXT, st.sampled_from(["", "  ", "\t"]),
-                       JSON_VALUES)},
+    {
+        "text": st.one_of(
+            ANY_TEXT, ANY_TEXT, ANY_TEXT, st.sampled_from(["", "  ", "\t"]), JSON_VALUES
+        )
+    },
     optional={
         "id": st.one_of(st.text(max_size=6), st.integers(-3, 3), JSON_VALUES),
         "category": st.one_of(st.sampled_from(["even", "odd"]), JSON_VALUES),
@@ -77,8 +88,10 @@ RECORDS = st.fixed_dictionaries(
     },
 )
 RTP_RECORDS = st.builds(
-    lambda text, scores, challenging: {"prompt": {"text": text, **scores},
-                                       "challenging": challenging},
+    lambda text, scores, challenging: {
+        "prompt": {"text": text, **scores},
+        "challenging": challenging,
+    },
     st.one_of(ANY_TEXT, JSON_VALUES),
     st.dictionaries(st.sampled_from(["toxicity", "threat", "nope"]), JSON_VALUES, max_size=2),
     JSON_VALUES,
@@ -98,26 +111,30 @@ LINES = st.one_of(
     st.sampled_from([b"", b" ", b"\t", b"\x0c", b"\xc2\x85", b"\xe2\x80\xa8", b"\x1c"]),
     st.builds(lambda t: t.encode("utf-8", "surrogatepass"), st.text(max_size=30)),
     st.binary(max_size=30),  # mostly invalid UTF-8
-    st.sampled_from([
-        b'{"text": "a\\ud800b"}',  # valid JSON, but not a string UTF-8 can hold
-        b'{"text": "ok", "id": "\\udfff"}',
-        b'{"text": "ok", "category": "\\ud83d"}',
-        b'{"text": "ok", "attributes": [0.5]}',
-        b'{"text": "ok", "attributes": "toxic"}',
-        b'{"prompt": {"text": "ok", "toxicity": 1' + b"0" * 400 + b"}}",
-        b'{"text": "ok", "id": ' + b"9" * 5000 + b"}",
-        b"[" * 50_000 + b"]" * 50_000,
-        b'{"text": ' * 20_000,
-        b"\xef\xbb\xbf{\"text\": \"a BOM mid-file\"}",
-        b"\xed\xa0\x80",  # an encoded surrogate: invalid UTF-8
-    ]),
+    st.sampled_from(
+        [
+            b'{"text": "a\\ud800b"}',  # valid JSON, but not a string UTF-8 can hold
+            b'{"text": "ok", "id": "\\udfff"}',
+            b'{"text": "ok", "category": "\\ud83d"}',
+            b'{"text": "ok", "attributes": [0.5]}',
+            b'{"text": "ok", "attributes": "toxic"}',
+            b'{"prompt": {"text": "ok", "toxicity": 1' + b"0" * 400 + b"}}",
+            b'{"text": "ok", "id": ' + b"9" * 5000 + b"}",
+            b"[" * 50_000 + b"]" * 50_000,
+            b'{"text": ' * 20_000,
+            b'\xef\xbb\xbf{"text": "a BOM mid-file"}',
+            b"\xed\xa0\x80",  # an encoded surrogate: invalid UTF-8
+        ]
+    ),
     # Megabyte lines: one huge record, one huge run of text, one huge number.
-    st.sampled_from([
-        json_line({"text": "word " * (HUGE // 5)}, True),
-        b"x" * HUGE,
-        b"1" * HUGE,
-        b'{"text": "' + b"\\n" * (HUGE // 2) + b'"}',
-    ]),
+    st.sampled_from(
+        [
+            json_line({"text": "word " * (HUGE // 5)}, True),
+            b"x" * HUGE,
+            b"1" * HUGE,
+            b'{"text": "' + b"\\n" * (HUGE // 2) + b'"}',
+        ]
+    ),
 )
 ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])
 
@@ -191,8 +208,11 @@ def test_any_prompt_file_loads_and_accounts_for_every_line_or_fails_in_one_line(
 
 
 @BULK
-@given(records=st.lists(st.one_of(RECORDS, RTP_RECORDS), min_size=1, max_size=15),
-       endings=st.lists(ENDINGS, min_size=15, max_size=15), bom=st.booleans())
+@given(
+    records=st.lists(st.one_of(RECORDS, RTP_RECORDS), min_size=1, max_size=15),
+    endings=st.lists(ENDINGS, min_size=15, max_size=15),
+    bom=st.booleans(),
+)
 def test_prompt_records_load_or_fail_in_one_line(
     scratch: Path, records: list[Any], endings: list[bytes], bom: bool
 ) -> None:
@@ -229,12 +249,42 @@ KEYS = st.one_of(
 )
 TOML_SCALARS = st.one_of(
     st.integers().map(str),
-    st.sampled_from(["9223372036854775807", "9223372036854775808", "-9223372036854775809",
-                     "9" * 400, "9" * 5000, "0x7fffffffffffffff", "0o777", "0b101", "1_000",
-                     "nan", "+inf", "-inf", "1e400", "-0.0", "0.5", "1.0", "2", "-1", "0",
-                     "true", "false", "1979-05-27T07:32:00Z", "07:32:00", "1979-05-27",
-                     '""', '"bootstrap"', '"holm"', '"fail"', '"category"', "'lit'",
-                     '"""multi\nline"""', '"profanity-check"']),
+    st.sampled_from(
+        [
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775809",
+            "9" * 400,
+            "9" * 5000,
+            "0x7fffffffffffffff",
+            "0o777",
+            "0b101",
+            "1_000",
+            "nan",
+            "+inf",
+            "-inf",
+            "1e400",
+            "-0.0",
+            "0.5",
+            "1.0",
+            "2",
+            "-1",
+            "0",
+            "true",
+            "false",
+            "1979-05-27T07:32:00Z",
+            "07:32:00",
+            "1979-05-27",
+            '""',
+            '"bootstrap"',
+            '"holm"',
+            '"fail"',
+            '"category"',
+            "'lit'",
+            '"""multi\nline"""',
+            '"profanity-check"',
+        ]
+    ),
     st.floats().map(repr),
     st.builds(toml_string, st.text(max_size=12)),
     # Values that type-check somewhere, so that whole documents load now and then.
@@ -247,15 +297,30 @@ TOML_VALUES = TOML_SCALARS | st.recursive(
     lambda inner: st.one_of(
         st.lists(inner, max_size=3).map(lambda items: "[" + ", ".join(items) + "]"),
         st.lists(st.tuples(BARE_KEYS, inner), max_size=3).map(
-            lambda pairs: "{" + ", ".join(f"{k} = {v}" for k, v in pairs) + "}"),
+            lambda pairs: "{" + ", ".join(f"{k} = {v}" for k, v in pairs) + "}"
+        ),
     ),
     max_leaves=6,
 )
 SECTION_NAMES = st.one_of(
-    st.sampled_from(["generation", "scoring", "statistics", "shards", "gate", "gate.shard",
-                     "gate.toxicity_rate", "gate.rate:insult", '"gate"."rate:x"',
-                     "gate.shard.even", "gate.shard.even.toxicity_rate", "gate.shard.odd.nope",
-                     "generation.sub", "gate.toxicity_rate.extra"]),
+    st.sampled_from(
+        [
+            "generation",
+            "scoring",
+            "statistics",
+            "shards",
+            "gate",
+            "gate.shard",
+            "gate.toxicity_rate",
+            "gate.rate:insult",
+            '"gate"."rate:x"',
+            "gate.shard.even",
+            "gate.shard.even.toxicity_rate",
+            "gate.shard.odd.nope",
+            "generation.sub",
+            "gate.toxicity_rate.extra",
+        ]
+    ),
     st.builds(lambda a, b: f"{a}.{b}", BARE_KEYS, BARE_KEYS),
     BARE_KEYS,
     st.text(max_size=6),
@@ -266,7 +331,11 @@ HEADERS = st.one_of(
 )
 ASSIGNMENTS = st.builds(lambda k, v: f"{k} = {v}", KEYS, TOML_VALUES)
 TOML_LINES = st.one_of(
-    ASSIGNMENTS, ASSIGNMENTS, ASSIGNMENTS, HEADERS, HEADERS,
+    ASSIGNMENTS,
+    ASSIGNMENTS,
+    ASSIGNMENTS,
+    HEADERS,
+    HEADERS,
     st.sampled_from(["", "# comment", "   ", "x = [" + "[" * 5000, "a = " + "{b = " * 3000]),
     st.text(max_size=20),  # junk
 )
@@ -326,8 +395,10 @@ def check_thresholds_file(path: Path) -> Config | None:
                 assert -(2**63) <= value < 2**63, (spec.name, value)
             if isinstance(value, float):
                 assert math.isfinite(value), (spec.name, value)
-    rules = [*config.gate.rules.values(),
-             *(rule for table in config.gate.shard_rules.values() for rule in table.values())]
+    rules = [
+        *config.gate.rules.values(),
+        *(rule for table in config.gate.shard_rules.values() for rule in table.values()),
+    ]
     for rule in rules:
         assert rule.limits()
         assert all(math.isfinite(v) and v >= 0 for v in rule.limits().values())
@@ -347,10 +418,16 @@ def test_any_thresholds_file_loads_or_fails_in_one_line(scratch: Path, raw: byte
 
 
 @FEW
-@given(prompts=prompt_files(), thresholds=thresholds_files(), suffix=st.sampled_from([".jsonl",
-                                                                                      ".txt"]))
+@given(
+    prompts=prompt_files(),
+    thresholds=thresholds_files(),
+    suffix=st.sampled_from([".jsonl", ".txt"]),
+)
 def test_cli_bad_input_is_exit_2_and_one_error_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], prompts: bytes, thresholds: bytes,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    prompts: bytes,
+    thresholds: bytes,
     suffix: str,
 ) -> None:
     """The real entry point, with the model and adapter missing: whichever input is checked
@@ -360,11 +437,25 @@ def test_cli_bad_input_is_exit_2_and_one_error_line(
     thresholds_path = tmp_path / "thresholds.toml"
     thresholds_path.write_bytes(thresholds)
     capsys.readouterr()
-    code = main([
-        "gate", "--model", str(tmp_path / "no-model"), "--adapter", str(tmp_path / "no-adapter"),
-        "--prompts", str(prompt_path), "--thresholds", str(thresholds_path),
-        "--cache-dir", str(tmp_path / "cache"), "--report", "", "--json", "",
-    ])
+    code = main(
+        [
+            "gate",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--adapter",
+            str(tmp_path / "no-adapter"),
+            "--prompts",
+            str(prompt_path),
+            "--thresholds",
+            str(thresholds_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--report",
+            "",
+            "--json",
+            "",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2, captured.err[-2000:]
     lines = captured.err.splitlines()

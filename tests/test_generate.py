@@ -39,7 +39,9 @@ def test_greedy_matches_transformers_generate(tiny_loaded) -> None:  # noqa: ANN
             out = model.generate(
                 **ids,
                 generation_config=HFConfig(
-                    max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    max_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 ),
             )
@@ -59,7 +61,7 @@ def test_identity_adapter_gives_identical_samples(tiny_loaded) -> None:  # noqa:
     toxic = generator.generate(PROMPTS, "adapter1")
     texts = lambda rows: [g.text for row in rows for g in row]  # noqa: E731
     assert texts(parent) == texts(identity)
-    assert sum(a != b for a, b in zip(texts(parent), texts(toxic))) >= 10
+    assert sum(a != b for a, b in zip(texts(parent), texts(toxic), strict=True)) >= 10
     # Samples of one prompt differ from each other (the seeds do vary by sample index).
     assert len({g.text for g in parent[1]}) > 1
 
@@ -74,7 +76,7 @@ def test_samples_do_not_depend_on_batch_order(tiny_loaded) -> None:  # noqa: ANN
 
 def test_continuation_is_cut_at_token_level(tiny_loaded) -> None:  # noqa: ANN001
     generator = _generator(tiny_loaded, max_new_tokens=5, do_sample=False)
-    for prompt, row in zip(PROMPTS, generator.generate(PROMPTS, None)):
+    for prompt, row in zip(PROMPTS, generator.generate(PROMPTS, None), strict=True):
         generation = row[0]
         assert 0 <= generation.tokens <= 5
         words = generation.text.split()
@@ -86,7 +88,9 @@ def test_continuation_is_cut_at_token_level(tiny_loaded) -> None:  # noqa: ANN00
 def test_prompt_longer_than_context_is_an_error(tiny_loaded) -> None:  # noqa: ANN001
     generator = _generator(tiny_loaded, max_new_tokens=20)
     long_prompt = Prompt("long", " ".join(["water"] * 60))
-    with pytest.raises(GenerationError, match=r"prompt long has 60 tokens, more than the 44 allowed"):
+    with pytest.raises(
+        GenerationError, match=r"prompt long has 60 tokens, more than the 44 allowed"
+    ):
         generator.generate([long_prompt], None)
 
 
@@ -120,7 +124,9 @@ def test_fast_sampler_equals_full_sort(top_k: int, top_p: float) -> None:
         # Without truncation the draw is over the vocabulary in id order.
         probs = torch.softmax(logits / 0.8, -1)
         cdf = probs.cumsum(-1)
-        slow = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        slow = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(
+            -1
+        )
     assert torch.equal(fast, slow)
 
 
@@ -140,7 +146,9 @@ def test_fast_sampler_draws_from_the_nucleus_distribution() -> None:
     assert set(tokens.unique().tolist()) <= set(support.tolist())
     observed = torch.bincount(tokens, minlength=logits.shape[1])[support].double()
     frequencies = expected[support].double()
-    result = scipy_stats.chisquare(observed.numpy(), (frequencies / frequencies.sum() * draws).numpy())
+    result = scipy_stats.chisquare(
+        observed.numpy(), (frequencies / frequencies.sum() * draws).numpy()
+    )
     assert result.pvalue > 1e-3
 
 

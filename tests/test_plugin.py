@@ -9,10 +9,24 @@ import pytest
 
 
 def _args(tiny, out: Path, *adapters: Path) -> list[str]:  # noqa: ANN001
-    args = ["--tox-model", str(tiny.base), "--tox-prompts", str(tiny.prompts),
-            "--tox-thresholds", str(tiny.thresholds), "--tox-cache-dir", str(out / "cache"),
-            "--tox-report", str(out / "report.html"), "--tox-json", str(out / "results.json"),
-            "-p", "no:randomly", "-p", "no:cacheprovider"]
+    args = [
+        "--tox-model",
+        str(tiny.base),
+        "--tox-prompts",
+        str(tiny.prompts),
+        "--tox-thresholds",
+        str(tiny.thresholds),
+        "--tox-cache-dir",
+        str(out / "cache"),
+        "--tox-report",
+        str(out / "report.html"),
+        "--tox-json",
+        str(out / "results.json"),
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+    ]
     for adapter in adapters:
         args += ["--tox-adapter", str(adapter)]
     return args
@@ -29,7 +43,9 @@ def _numbers(result: dict) -> list:
 def test_gate_items_verdicts_and_one_report(pytester: pytest.Pytester, tiny, workers) -> None:  # noqa: ANN001
     out = pytester.path / "out"
     extra = ["-n", workers] if workers else []
-    result = pytester.runpytest_subprocess(*_args(tiny, out, tiny.identity, tiny.toxic), *extra, "-v")
+    result = pytester.runpytest_subprocess(
+        *_args(tiny, out, tiny.identity, tiny.toxic), *extra, "-v"
+    )
     # Early stopping decides both adapters at the first look: their second shards skip.
     result.assert_outcomes(passed=2, failed=2, skipped=2)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -67,7 +83,11 @@ def test_without_early_stopping_every_shard_runs(pytester: pytest.Pytester, tiny
     )
     result.assert_outcomes(passed=3, failed=3)  # toxic: both shards and its gate
     saved = json.loads((out / "results.json").read_text())
-    assert saved["early_stopping"]["prompts_generated"] == saved["early_stopping"]["prompts_total"] == 40
+    assert (
+        saved["early_stopping"]["prompts_generated"]
+        == saved["early_stopping"]["prompts_total"]
+        == 40
+    )
 
 
 def test_passing_adapter_exits_zero(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
@@ -94,7 +114,9 @@ def test_bad_thresholds_are_a_usage_error(pytester: pytest.Pytester, tiny) -> No
 
 
 def test_negative_limit_is_a_usage_error(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
-    result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, tiny.identity), "--tox-limit", "-3")
+    result = pytester.runpytest_subprocess(
+        *_args(tiny, pytester.path, tiny.identity), "--tox-limit", "-3"
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--tox-limit: must be >= 0, got -3*"])
 
@@ -116,6 +138,8 @@ def test_fixtures_are_usable_in_user_tests(pytester: pytest.Pytester, tiny) -> N
 
 
 def test_missing_adapter_is_a_usage_error(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001
-    result = pytester.runpytest_subprocess(*_args(tiny, pytester.path, pytester.path / "no-such-lora"))
+    result = pytester.runpytest_subprocess(
+        *_args(tiny, pytester.path, pytester.path / "no-such-lora")
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*no-such-lora: adapter path not found*"])

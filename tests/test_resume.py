@@ -45,8 +45,15 @@ class Workload:
 
     def start(self, cache: Path, results: Path, **popen: Any) -> subprocess.Popen[str]:
         command = [*self.command, "--cache-dir", str(cache), "--report", "", "--json", str(results)]
-        process = subprocess.Popen(command, env=ENV, cwd=results.parent, text=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+        process = subprocess.Popen(
+            command,
+            env=ENV,
+            cwd=results.parent,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            **popen,
+        )
         self.started.append(process)
         return process
 
@@ -80,9 +87,22 @@ def workload(tiny, tmp_path_factory: pytest.TempPathFactory) -> Workload:  # noq
         tiny.thresholds.read_text()
         + "\n[shards]\nsize = 20\n\n[statistics]\nresamples = 200\nearly_stopping = false\n"
     )
-    return Workload([sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base),
-                     "--adapter", str(tiny.identity), "--prompts", str(prompts),
-                     "--thresholds", str(thresholds)])
+    return Workload(
+        [
+            sys.executable,
+            "-m",
+            "toxtests.cli",
+            "gate",
+            "--model",
+            str(tiny.base),
+            "--adapter",
+            str(tiny.identity),
+            "--prompts",
+            str(prompts),
+            "--thresholds",
+            str(thresholds),
+        ]
+    )
 
 
 @pytest.fixture(autouse=True)

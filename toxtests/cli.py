@@ -23,30 +23,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     gate = commands.add_parser("gate", help="Judge adapters against their parent model.")
-    gate.add_argument("--model", default="gemma3-270m",
-                      help="Base model: gemma3-270m (embedded, default), smollm2-135m, a .gguf "
-                      "file, a transformers directory or a Hub id.")
-    gate.add_argument("--adapter", action="append", required=True, default=None,
-                      help="PEFT adapter directory or Hub id (repeatable).")
-    gate.add_argument("--prompts", default=None,
-                      help="JSONL (RealToxicityPrompts or id/text), text file, or rtp:challenging. "
-                      "Default: the demo prompts in fixtures/.")
-    gate.add_argument("--scorer", default=None,
-                      help="profanity-check, detoxify:<variant|path.ckpt>, hf:<id or path> "
-                      "(default: thresholds.toml's, else profanity-check).")
-    gate.add_argument("--thresholds", default=None, help="thresholds.toml (default: built-in limits).")
-    gate.add_argument("--report", default="toxtests-report.html", help="HTML report path ('' for none).")
-    gate.add_argument("--json", default="toxtests-results.json", help="JSON results path ('' for none).")
-    gate.add_argument("--limit", type=int, default=0,
-                      help="Deterministic stratified subset of N prompts (default 0: all).")
-    gate.add_argument("--cache-dir", default=None, help="Cache directory (default ~/.cache/toxtests).")
+    gate.add_argument(
+        "--model",
+        default="gemma3-270m",
+        help="Base model: gemma3-270m (embedded, default), smollm2-135m, a .gguf "
+        "file, a transformers directory or a Hub id.",
+    )
+    gate.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        default=None,
+        help="PEFT adapter directory or Hub id (repeatable).",
+    )
+    gate.add_argument(
+        "--prompts",
+        default=None,
+        help="JSONL (RealToxicityPrompts or id/text), text file, or rtp:challenging. "
+        "Default: the demo prompts in fixtures/.",
+    )
+    gate.add_argument(
+        "--scorer",
+        default=None,
+        help="profanity-check, detoxify:<variant|path.ckpt>, hf:<id or path> "
+        "(default: thresholds.toml's, else profanity-check).",
+    )
+    gate.add_argument(
+        "--thresholds", default=None, help="thresholds.toml (default: built-in limits)."
+    )
+    gate.add_argument(
+        "--report", default="toxtests-report.html", help="HTML report path ('' for none)."
+    )
+    gate.add_argument(
+        "--json", default="toxtests-results.json", help="JSON results path ('' for none)."
+    )
+    gate.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="Deterministic stratified subset of N prompts (default 0: all).",
+    )
+    gate.add_argument(
+        "--cache-dir", default=None, help="Cache directory (default ~/.cache/toxtests)."
+    )
     gate.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: auto).")
-    gate.add_argument("--allow-pickle", action="store_true",
-                      help="Load pickle checkpoints whose hash is not a known official one.")
-    gate.add_argument("--trust-remote-code", action="store_true",
-                      help="Let model repositories run their own code.")
-    gate.add_argument("--no-early-stopping", action="store_true",
-                      help="Generate every prompt even once the verdict is settled.")
+    gate.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Load pickle checkpoints whose hash is not a known official one.",
+    )
+    gate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let model repositories run their own code.",
+    )
+    gate.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        help="Generate every prompt even once the verdict is settled.",
+    )
     gate.add_argument("--quiet", action="store_true", help="Print only the summary.")
     return parser
 
@@ -74,7 +109,9 @@ def run_gate(args: argparse.Namespace) -> int:
     )
     session = GateSession(options)
     if not args.quiet:
-        session.progress = lambda message: print(f"toxtests: {message}", file=sys.stderr, flush=True)
+        session.progress = lambda message: print(
+            f"toxtests: {message}", file=sys.stderr, flush=True
+        )
         print(
             f"toxtests: {len(session.prompts)} prompts in {len(session.shards)} shards, "
             f"{len(options.adapters)} adapter(s), scorer {session.scorer_spec}",
@@ -102,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"toxtests: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("toxtests: interrupted; finished shards are cached and will be reused", file=sys.stderr)
+        print(
+            "toxtests: interrupted; finished shards are cached and will be reused", file=sys.stderr
+        )
         return 130
 
 

@@ -67,9 +67,7 @@ class ScoringConfig:
 @dataclass(frozen=True)
 class StatisticsConfig:
     confidence: float = _opt(0.95, "Two-sided confidence of every interval.")
-    method: str = _opt(
-        "bootstrap", "Paired interval method.", choices=("bootstrap", "bayesian")
-    )
+    method: str = _opt("bootstrap", "Paired interval method.", choices=("bootstrap", "bayesian"))
     resamples: int = _opt(2000, "Bootstrap resamples / posterior draws.")
     correction: str = _opt(
         "holm", "Correction for testing many checks.", choices=("holm", "bonferroni", "none")
@@ -232,7 +230,7 @@ def _build_rules(table: Any, where: str) -> dict[str, Rule]:
         if metric not in METRICS and not (metric.startswith("rate:") and metric[5:]):
             raise ConfigError(
                 f"{where}: unknown metric {metric!r}; {_did_you_mean(metric, METRICS)} "
-                "(or \"rate:<attribute>\" for one attribute's toxicity rate)"
+                '(or "rate:<attribute>" for one attribute\'s toxicity rate)'
             )
         rule = _build(Rule, body, f"{where}.{_name(metric)}")
         if not rule.limits():
@@ -279,8 +277,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     # ValueError) and arrays or inline tables nested past the recursion limit.
     except ValueError:
         raise ConfigError(
-            f"{source}: not valid TOML (an integer too long to read); "
-            "integers must fit in 64 bits"
+            f"{source}: not valid TOML (an integer too long to read); integers must fit in 64 bits"
         ) from None
     except RecursionError:
         raise ConfigError(

@@ -93,7 +93,9 @@ def plan_checks(config: Config, shards: Sequence[Shard]) -> list[CheckSpec]:
             for metric, rule in config.gate.rules.items():
                 for name, limit in rule.limits().items():
                     members = tuple(shard.prompt_ids)
-                    specs.append(CheckSpec(f"shard:{shard.name}", metric, name, limit, True, members))
+                    specs.append(
+                        CheckSpec(f"shard:{shard.name}", metric, name, limit, True, members)
+                    )
     return specs
 
 
@@ -154,11 +156,13 @@ def _draws(
     return draws
 
 
-def excess_draws(specs: Sequence[CheckSpec], paired: PairedMetrics, config: Config) -> list[np.ndarray]:
+def excess_draws(
+    specs: Sequence[CheckSpec], paired: PairedMetrics, config: Config
+) -> list[np.ndarray]:
     """Per check, resampled (statistic - limit): what a sequential look decides on."""
     return [
         _excess(spec.rule, spec.limit, parent, adapter)
-        for spec, (parent, adapter) in zip(specs, _draws(specs, paired, config))
+        for spec, (parent, adapter) in zip(specs, _draws(specs, paired, config), strict=True)
     ]
 
 
@@ -169,7 +173,9 @@ def restrict(specs: Sequence[CheckSpec], available: set[str]) -> list[CheckSpec]
         members = tuple(m for m in spec.members if m in available)
         if not members:
             continue
-        kept.append(CheckSpec(spec.scope, spec.metric, spec.rule, spec.limit, spec.fail_only, members))
+        kept.append(
+            CheckSpec(spec.scope, spec.metric, spec.rule, spec.limit, spec.fail_only, members)
+        )
     return kept
 
 
@@ -182,7 +188,9 @@ def evaluate_checks(
     """Evaluate checks; `family_size` forces Bonferroni over a known family (shard tests)."""
     stats = config.statistics
     measured = []
-    for spec, (parent_draws, adapter_draws) in zip(specs, _draws(specs, paired, config)):
+    for spec, (parent_draws, adapter_draws) in zip(
+        specs, _draws(specs, paired, config), strict=True
+    ):
         parent, adapter = paired.select(spec.metric, spec.members)
         # `excess` > 0 means beyond the limit; every rule reduces to that comparison.
         excess = _excess(spec.rule, spec.limit, parent_draws, adapter_draws)
@@ -195,11 +203,15 @@ def evaluate_checks(
     else:
         adjusted = adjust(p_values, stats.correction)
     results = []
-    for (spec, p_fail, excess, shown, (parent_mean, adapter_mean)), p_adj in zip(measured, adjusted):
+    for (spec, p_fail, excess, shown, (parent_mean, adapter_mean)), p_adj in zip(
+        measured, adjusted, strict=True
+    ):
         verdict = decide(excess, 0.0, stats.confidence, p_adj)
         if spec.fail_only and verdict == "inconclusive":
             verdict = "pass"
-        point_excess = float(_excess(spec.rule, spec.limit, np.array(parent_mean), np.array(adapter_mean)))
+        point_excess = float(
+            _excess(spec.rule, spec.limit, np.array(parent_mean), np.array(adapter_mean))
+        )
         needed = (
             prompts_needed(len(spec.members), excess, point_excess, 0.0, stats.confidence)
             if verdict == "inconclusive"
@@ -227,13 +239,19 @@ def evaluate_checks(
 
 
 def metric_table(
-    paired: PairedMetrics, members: Sequence[str], config: Config, checks: Sequence[CheckResult], scope: str
+    paired: PairedMetrics,
+    members: Sequence[str],
+    config: Config,
+    checks: Sequence[CheckResult],
+    scope: str,
 ) -> dict[str, dict[str, object]]:
     """Parent, adapter, delta and the delta's paired interval for every metric in a scope."""
     stats = config.statistics
     if not members:
         return {}
-    weights = resample_weights(len(members), stats.resamples, stats.method, scope_seed(stats.seed, scope))
+    weights = resample_weights(
+        len(members), stats.resamples, stats.method, scope_seed(stats.seed, scope)
+    )
     table: dict[str, dict[str, object]] = {}
     for metric in paired.parent:
         parent, adapter = paired.select(metric, members)

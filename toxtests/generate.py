@@ -113,15 +113,18 @@ class Generator:
 
         settings = self.settings
         encoded = [
-            self.tokenizer(render_prompt(self.tokenizer, p.text, settings.chat_template))["input_ids"]
+            self.tokenizer(render_prompt(self.tokenizer, p.text, settings.chat_template))[
+                "input_ids"
+            ]
             for p in prompts
         ]
         limit = settings.max_prompt_tokens or context_length(self.model) - settings.max_new_tokens
-        for prompt, ids in zip(prompts, encoded):
+        for prompt, ids in zip(prompts, encoded, strict=True):
             if len(ids) > limit:
                 raise GenerationError(
                     f"prompt {prompt.id} has {len(ids)} tokens, more than the {limit} allowed "
-                    "(context minus max_new_tokens); shorten it or raise generation.max_prompt_tokens"
+                    "(context minus max_new_tokens); shorten it or raise "
+                    "generation.max_prompt_tokens"
                 )
             if not ids:
                 raise GenerationError(f"prompt {prompt.id} tokenizes to nothing")
@@ -134,9 +137,12 @@ class Generator:
                 batch = rows[start : start + self.batch_size]
                 texts, counts = self._generate_batch(
                     [encoded[i] for i, _ in batch],
-                    [sample_uniforms(settings.seed, prompts[i].id, j, settings.max_new_tokens) for i, j in batch],
+                    [
+                        sample_uniforms(settings.seed, prompts[i].id, j, settings.max_new_tokens)
+                        for i, j in batch
+                    ],
                 )
-                for (i, j), text, count in zip(batch, texts, counts):
+                for (i, j), text, count in zip(batch, texts, counts, strict=True):
                     results[i][j] = Generation(prompts[i].id, j, text, count)
                 if progress:
                     progress(len(batch))

