@@ -153,8 +153,8 @@ def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         # would make the next load look for the GGUF file again.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging), safe_serialization=True)
@@ -260,7 +260,7 @@ def load_base(
     if tokenizer.pad_token is None:
         # Padding positions are masked out, so any token works; EOS is the convention.
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
 

@@ -231,7 +231,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gate = config.stash[session_key]
     if hasattr(config, "workerinput"):
         if gate.used:
-            config.workeroutput["toxtests_fingerprints"] = gate.fingerprints()
+            config.workeroutput["toxtests_fingerprints"] = gate.fingerprints()  # type: ignore[attr-defined]
         return
     ran_here = gate.used
     if fingerprints_key in config.stash:

@@ -261,7 +261,7 @@ class GateSession:
     def _shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
         keys = [self._generation_key(adapter_index, p) for p in shard.prompts]
         variant = "parent" if adapter_index is None else self.adapter_names[adapter_index]
-        generations = [self.cache.get("generations", k) for k in keys]
+        generations: list[Any] = [self.cache.get("generations", k) for k in keys]
         if any(g is None for g in generations):
             lock_name = make_key("shard", keys)[:24]
             with self.cache.lock(lock_name):
@@ -305,7 +305,7 @@ class GateSession:
         keys = [
             make_key("scores", scorer_fp, k, t) for k, t in zip(generation_keys, texts, strict=True)
         ]
-        entries = [self.cache.get("scores", k) for k in keys]
+        entries: list[Any] = [self.cache.get("scores", k) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             flat = [t for i in missing for t in texts[i]]
