@@ -10,7 +10,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-METRICS = ("toxicity_rate", "expected_max_toxicity", "toxicity_probability", "mean_toxicity")
+from toxtests.config import METRICS
+
+__all__ = ["METRICS", "per_prompt_metrics"]
 
 
 def per_prompt_metrics(
