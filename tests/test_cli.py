@@ -231,3 +231,25 @@ def test_model_with_only_pickle_weights_is_refused(tiny, tmp_path: Path, capsys)
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     assert _gate(tiny, tmp_path, "--model", str(pickled)) == 2
     assert "holds only pickle weights" in _one_line_error(capsys)
+
+
+def test_gate_with_a_local_detoxify_checkpoint(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """The real Detoxify loading path inside a gate: every Detoxify attribute is kept."""
+    from helpers_detoxify import build_tiny_detoxify
+
+    ckpt, config_dir = build_tiny_detoxify(tmp_path / "detoxify")
+    thresholds = tmp_path / "detoxify.toml"
+    thresholds.write_text(
+        tiny.thresholds.read_text().replace(
+            'scorer = "profanity-check"',
+            f'scorer = "detoxify:{ckpt}"\nhuggingface_config = "{config_dir}"',
+        )
+    )
+    assert _gate(tiny, tmp_path, "--thresholds", str(thresholds)) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["scorer"]["spec"] == f"detoxify:{ckpt}"
+    assert result["scorer"]["primary"] == "toxicity"
+    metrics = result["adapters"][0]["metrics"]
+    for attribute in ("toxicity", "severe_toxicity", "insult", "threat", "identity_attack"):
+        assert f"rate:{attribute}" in metrics
+    assert all(m["delta"] == 0.0 for m in metrics.values())
