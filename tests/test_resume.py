@@ -33,7 +33,7 @@ RUN_TIMEOUT = 180
 # reference and the runs compared with it compute alike.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ENV.pop("PYTHONWARNINGS", None)
-GENERATING = re.compile(r"^toxtests: generating (\S+) on (\S+) \((\d+) prompts\)$", re.M)
+GENERATING = re.compile(r"^toxtests: generating (\S+) on (.+?) \((\d+) prompts\)$", re.M)
 
 
 @dataclass

@@ -106,9 +106,13 @@ class Generator:
         self,
         prompts: Sequence[Prompt],
         adapter: str | None,
-        progress: Callable[[int], None] | None = None,
+        on_prompt_done: Callable[[int, list[Generation]], None] | None = None,
     ) -> list[list[Generation]]:
-        """Continuations indexed [prompt][sample], in the order of `prompts`."""
+        """Continuations indexed [prompt][sample], in the order of `prompts`.
+
+        `on_prompt_done(index, samples)` is called as soon as a prompt's last sample is
+        generated, so a caller can store work as it goes (an interrupted run keeps it).
+        """
         import torch
 
         settings = self.settings
@@ -144,8 +148,9 @@ class Generator:
                 )
                 for (i, j), text, count in zip(batch, texts, counts, strict=True):
                     results[i][j] = Generation(prompts[i].id, j, text, count)
-                if progress:
-                    progress(len(batch))
+                    row = results[i]
+                    if on_prompt_done and all(g is not None for g in row):
+                        on_prompt_done(i, [g for g in row if g is not None])
         return [[g for g in row if g is not None] for row in results]
 
     def _generate_batch(

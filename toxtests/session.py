@@ -270,7 +270,7 @@ class GateSession:
                 if missing:
                     self._report(f"generating {variant} on {shard.name} ({len(missing)} prompts)")
                     generations = self._generate_missing(
-                        adapter_index, shard, keys, generations, missing
+                        adapter_index, list(shard.prompts), keys, generations, missing
                     )
         texts = [[sample["text"] for sample in entry["samples"]] for entry in generations]
         return ShardScores(
@@ -280,24 +280,52 @@ class GateSession:
     def _generate_missing(
         self,
         adapter_index: int | None,
-        shard: Shard,
+        prompts: Sequence[Prompt],
         keys: list[str],
         generations: list[Any],
         missing: list[int],
     ) -> list[Any]:
-        from toxtests.generate import Generator
+        """Generate the missing prompts in one call, caching each as soon as it is done."""
+        from toxtests.generate import Generation, Generator
 
         loaded = self.loaded
         generator = Generator(loaded.model, loaded.tokenizer, self.config.generation, loaded.device)
         peft_name = None if adapter_index is None else loaded.adapters[adapter_index].peft_name
+
+        def store(position: int, samples: list[Generation]) -> None:
+            index = missing[position]
+            entry = {"samples": [{"text": g.text, "tokens": g.tokens} for g in samples]}
+            self.cache.put("generations", keys[index], entry)
+            generations[index] = entry
+            self.generated_tokens += sum(g.tokens for g in samples)
+
         with self.timed("generate"):
-            produced = generator.generate([shard.prompts[i] for i in missing], peft_name)
-        self.generated_tokens += sum(g.tokens for row in produced for g in row)
-        for i, samples in zip(missing, produced, strict=True):
-            entry = {"samples": [{"text": s.text, "tokens": s.tokens} for s in samples]}
-            self.cache.put("generations", keys[i], entry)
-            generations[i] = entry
+            generator.generate([prompts[i] for i in missing], peft_name, on_prompt_done=store)
         return generations
+
+    def prefetch(self, adapter_index: int | None, shards: Sequence[Shard]) -> None:
+        """Generate what the cache lacks for several shards in one call.
+
+        Wider, better length-sorted batches than shard by shard: measured 108 vs 84
+        tokens/s on 300 prompts of Gemma 3 270M. Used when every shard will be needed
+        (early stopping off); one lock per model variant keeps concurrent runs from
+        generating the same prompts twice.
+        """
+        prompts = [p for shard in shards for p in shard.prompts]
+        keys = [self._generation_key(adapter_index, p) for p in prompts]
+        if all(self.cache.path("generations", k).exists() for k in keys):
+            return
+        variant = make_key(
+            "variant", self.fingerprints()["model"], self._variant_fingerprint(adapter_index)
+        )
+        with self.cache.lock(variant[:24]):
+            generations: list[Any] = [self.cache.get("generations", k) for k in keys]
+            missing = [i for i, g in enumerate(generations) if g is None]
+            if missing:
+                name = "parent" if adapter_index is None else self.adapter_names[adapter_index]
+                where = f"{len(shards)} shards in one pass"
+                self._report(f"generating {name} on {where} ({len(missing)} prompts)")
+                self._generate_missing(adapter_index, prompts, keys, generations, missing)
 
     def _scores(self, generation_keys: list[str], texts: list[list[str]]) -> dict[str, np.ndarray]:
         scorer_fp = self.fingerprints()["scorer"]["fingerprint"]
@@ -429,6 +457,9 @@ class GateSession:
         shards = self.shards
         if self.early_stopping:
             decision, shards = self.sequential(adapter_index)
+        else:
+            self.prefetch(None, shards)
+            self.prefetch(adapter_index, shards)
         parent, adapter = self._pooled(adapter_index, shards)
         paired = self.paired(parent, adapter)
         everyone = self.comparable(parent, adapter)
