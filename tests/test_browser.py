@@ -67,15 +67,7 @@ def make_result(text: str) -> dict[str, Any]:
     """A gate result (the schema GateSession.result writes) with `text` in every string a
     prompt file, a model, a command line or a thresholds file can set."""
 
-    def metric(parent: float, adapter: float, verdict: str | None) -> dict[str, Any]:
-        delta = adapter - parent
-        return {
-            "parent": parent,
-            "adapter": adapter,
-            "delta": delta,
-            "interval": [delta - 0.1, delta + 0.1],
-            "verdict": verdict,
-        }
+    from test_report import _metric as metric
 
     return {
         "toxtests_version": "0.1.0",

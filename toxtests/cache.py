@@ -42,8 +42,6 @@ class Cache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.reported: set[str] = set()
-        self.hits = 0
-        self.misses = 0
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.json"
@@ -53,7 +51,6 @@ class Cache:
         try:
             raw = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            self.misses += 1
             return None
         try:
             entry = json.loads(raw)
@@ -63,9 +60,7 @@ class Cache:
             value = json.loads(payload_text)
         except (ValueError, KeyError, TypeError) as exc:
             self._corrupt(path, str(exc))
-            self.misses += 1
             return None
-        self.hits += 1
         return value
 
     def put(self, kind: str, key: str, value: Any) -> None:

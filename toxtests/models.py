@@ -42,15 +42,6 @@ class LoadedModel:
     dtype: str
     adapters: list[AdapterInfo] = field(default_factory=list)
 
-    def describe(self) -> dict[str, str]:
-        return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "fingerprint": self.fingerprint,
-            "device": self.device,
-            "dtype": self.dtype,
-        }
-
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -274,6 +265,16 @@ def adapter_name(spec: str, taken: set[str]) -> str:
     return candidate
 
 
+def adapter_names(specs: list[str]) -> list[str]:
+    """Readable, unique names (test ids, report) in the order the adapters were given."""
+    taken: set[str] = set()
+    names = []
+    for spec in specs:
+        names.append(adapter_name(spec, taken))
+        taken.add(names[-1])
+    return names
+
+
 def adapter_fingerprint(spec: str) -> str:
     path = Path(spec)
     if path.is_dir():
@@ -311,12 +312,9 @@ def attach_adapters(
         return loaded
     from peft import PeftModel
 
-    taken: set[str] = set()
     model = loaded.model
-    for index, spec in enumerate(specs):
+    for index, (spec, name) in enumerate(zip(specs, adapter_names(specs), strict=True)):
         check_adapter_dir(spec, allow_pickle)
-        name = adapter_name(spec, taken)
-        taken.add(name)
         peft_name = f"adapter{index}"
         try:
             if index == 0:

@@ -134,11 +134,11 @@ class GateSession:
         self._memo: dict[tuple[int | None, str], ShardScores] = {}
         self._decisions: dict[int, tuple[LookDecision, list[Shard]]] = {}
         self.checks = plan_checks(self.config, self.shards)
-        from toxtests.models import check_adapter_dir
+        from toxtests.models import adapter_names, check_adapter_dir
 
         for spec in options.adapters:  # a mistyped path is a usage error, before any load
             check_adapter_dir(spec, options.allow_pickle)
-        self.adapter_names = adapter_display_names(options.adapters)
+        self.adapter_names = adapter_names(options.adapters)
         self._loaded: Any = None
         self._scorer: Any = None
         self._fingerprints: dict[str, Any] | None = None
@@ -585,18 +585,6 @@ class GateSession:
             },
             "adapters": adapters,
         }
-
-
-def adapter_display_names(specs: Sequence[str]) -> list[str]:
-    from toxtests.models import adapter_name
-
-    taken: set[str] = set()
-    names = []
-    for spec in specs:
-        name = adapter_name(spec, taken)
-        taken.add(name)
-        names.append(name)
-    return names
 
 
 def overall_verdict(verdicts: Sequence[str]) -> str:
