@@ -151,7 +151,10 @@ def test_mistyped_thresholds_value(tiny, tmp_path: Path, capsys) -> None:  # noq
 
 def test_console_script_usage_error_exit_code(tmp_path: Path) -> None:
     """argparse errors (e.g. no --adapter) also exit 2, through the installed script."""
-    exe = shutil.which("toxtests") or pytest.skip("console script not installed")
+    beside_python = Path(sys.executable).parent / "toxtests"
+    exe = shutil.which("toxtests", path=str(beside_python.parent)) or shutil.which("toxtests")
+    if exe is None:
+        pytest.skip("console script not installed")
     done = subprocess.run([exe, "gate"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert "--adapter" in done.stderr
