@@ -298,6 +298,40 @@ def build_tiny_llama(directory: Path, *, hidden: int = 32, seed: int = 0) -> Pat
     return directory
 
 
+def build_tiny_gemma3(
+    directory: Path, *, sliding_window: int = 4, softcap: float | None = 3.0, seed: int = 0
+) -> Path:
+    """A randomly initialised 2-layer Gemma 3 text model: a sliding-window layer beside
+    a full one, and (by default) the final-logit soft cap Gemma 2 introduced."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=softcap,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # larger logits than the random init gives, so the cap bites
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
 def lora_config(targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj", "lm_head")):  # noqa: ANN201
     from peft import LoraConfig
 

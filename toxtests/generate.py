@@ -19,6 +19,10 @@ import numpy as np
 
 from toxtests.config import GenerationConfig
 from toxtests.errors import GenerationError
+from toxtests.head import output_head
+from toxtests.memory import retained_memory
+from toxtests.packed import pack_linears
+from toxtests.prefill import FORWARD_OVERHEAD
 from toxtests.prompts import Prompt
 
 
@@ -79,6 +83,13 @@ class Generator:
         self.device = device
         self.batch_size = settings.batch_size or auto_batch_size(model, device)
         self.eos_ids = self._eos_ids()
+        # (decoder, fused output head) where the head provably equals the model's own.
+        self.fused = output_head(model, device)
+        if device.startswith("cpu"):
+            # The fused head has its own packed chunks: the output layer is left alone.
+            output_layer = model.get_output_embeddings() if self.fused else None
+            pack_linears(model, skip=(output_layer,) if output_layer is not None else ())
+        self.prefill_overhead = FORWARD_OVERHEAD
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -136,7 +147,7 @@ class Generator:
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         rows.sort(key=lambda row: (len(encoded[row[0]]), row))
         results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
-        with torch.inference_mode(), self._adapter_context(adapter):
+        with torch.inference_mode(), retained_memory(), self._adapter_context(adapter):
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
                 texts, counts = self._generate_batch(
@@ -151,60 +162,39 @@ class Generator:
                     row = results[i]
                     if on_prompt_done and all(g is not None for g in row):
                         on_prompt_done(i, [g for g in row if g is not None])
+        if self.fused is not None:
+            self.fused[1].release()
         return [[g for g in row if g is not None] for row in results]
 
     def _generate_batch(
         self, sequences: list[list[int]], uniforms: list[np.ndarray]
     ) -> tuple[list[str], list[int]]:
+        """Generate for rows sorted by prompt length (as `generate` hands them over)."""
         import torch
-
-        from toxtests.sampling import sample_tokens
 
         settings = self.settings
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            input_ids[row, width - len(seq) :] = torch.tensor(seq)
-            attention[row, width - len(seq) :] = 1
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         draws = torch.tensor(np.stack(uniforms), dtype=torch.float32, device=self.device)
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        last, cache, attention, positions = self._prefill(sequences)
         finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
-        cache = None
-        step_ids, step_positions = input_ids, positions
         for step in range(settings.max_new_tokens):
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=attention,
-                position_ids=step_positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            if settings.do_sample:
-                tokens = sample_tokens(
-                    logits,
-                    draws[:, step],
-                    temperature=settings.temperature,
-                    top_k=settings.top_k,
-                    top_p=settings.top_p,
+            if step:
+                positions = positions + 1
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+                last, cache = self._forward(
+                    input_ids=tokens.unsqueeze(-1),  # noqa: F821 - set by the previous step
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
                 )
-            else:
-                tokens = logits.argmax(dim=-1)
+            tokens = self._next_tokens(last, draws[:, step])
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             generated.append(tokens)
             finished |= torch.isin(tokens, eos)
             if bool(finished.all()):
                 break
-            step_ids = tokens.unsqueeze(-1)
-            step_positions = step_positions[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         new_tokens = torch.stack(generated, dim=1).tolist()
         texts, counts = [], []
         eos_set = set(self.eos_ids)
@@ -217,3 +207,79 @@ class Generator:
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
             counts.append(len(kept))
         return texts, counts
+
+    def _padded(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
+        """Left-padded input ids, attention mask and position ids of one rectangle."""
+        import torch
+
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq)
+            attention[row, width - len(seq) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+    def _prefill(self, sequences: list[list[int]]) -> tuple[Any, Any, Any, Any]:
+        """The last prompt position's state, the KV cache, the attention mask and that
+        position's index, for rows sorted by length; prefilled group by group where the
+        caches can be joined (`toxtests.prefill`)."""
+        import torch
+        import torch.nn.functional as F
+
+        from toxtests.prefill import join_caches, joinable, plan_groups
+
+        groups = plan_groups([len(s) for s in sequences], self.prefill_overhead)
+        lasts, caches, masks = [], [], []
+        for start, end in groups:
+            input_ids, attention, positions = self._padded(sequences[start:end])
+            last, cache = self._forward(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions
+            )
+            lasts.append(last)
+            caches.append(cache)
+            masks.append(attention)
+            if len(groups) > 1 and not joinable(cache):
+                break  # not a cache this can join: one rectangle instead
+        widths = [mask.shape[1] for mask in masks]
+        joined = join_caches(caches, widths) if len(caches) == len(groups) else None
+        if joined is None:
+            input_ids, attention, positions = self._padded(sequences)
+            last, cache = self._forward(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions
+            )
+            return last, cache, attention, positions[:, -1:]
+        width = max(widths)
+        attention = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        return torch.cat(lasts), joined, attention, lengths.unsqueeze(-1) - 1
+
+    def _forward(self, **inputs: Any) -> tuple[Any, Any]:
+        """The last position's hidden state (fused head) or logits, and the KV cache."""
+        if self.fused is None:
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :], out.past_key_values
+        out = self.fused[0](**inputs, use_cache=True)
+        return out.last_hidden_state[:, -1, :], out.past_key_values
+
+    def _next_tokens(self, last: Any, uniforms: Any) -> Any:
+        """The next token of every row from its last state, by its own uniform."""
+        from toxtests.sampling import sample_probabilities, sample_tokens
+
+        settings = self.settings
+        if self.fused is None:
+            if not settings.do_sample:
+                return last.argmax(dim=-1)
+            return sample_tokens(
+                last,
+                uniforms,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+            )
+        head = self.fused[1]
+        if not settings.do_sample:
+            return head.logits(last).argmax(dim=-1)
+        probs = head.probabilities(last, settings.temperature)
+        return sample_probabilities(probs, uniforms, top_k=settings.top_k, top_p=settings.top_p)

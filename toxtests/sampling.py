@@ -45,16 +45,34 @@ def sample_tokens(
     scaled = logits.float()
     if temperature != 1.0:
         scaled = scaled / temperature
-    vocab = scaled.shape[-1]
     if top_k > 0:
-        values, ids = torch.topk(scaled, min(top_k, vocab), dim=-1)
+        values, ids = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1)
         return _nucleus_pick(torch.softmax(values, dim=-1), ids, uniforms, top_p)
+    return sample_probabilities(
+        torch.softmax(scaled, dim=-1), uniforms, top_p=top_p, partial_k=partial_k
+    )
+
+
+def sample_probabilities(
+    probs: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    partial_k: int = PARTIAL_K,
+) -> torch.Tensor:
+    """`sample_tokens` on probabilities (rows, vocab) already softmaxed.
+
+    The fused output head (`toxtests.head`) produces these in a reused buffer.
+    """
+    vocab = probs.shape[-1]
+    if top_k > 0:
+        values, ids = torch.topk(probs, min(top_k, vocab), dim=-1)
+        return _nucleus_pick(values / values.sum(-1, keepdim=True), ids, uniforms, top_p)
     if top_p >= 1.0:
-        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        cdf = probs.cumsum(dim=-1)
         targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
         return torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1).squeeze(-1)
-    # softmax is one fused pass on CPU; logsumexp + exp on the candidates was 20x slower.
-    probs = torch.softmax(scaled, dim=-1)
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     pending = torch.arange(probs.shape[0], device=probs.device)
     k = partial_k

@@ -1,0 +1,134 @@
+"""Grouped prefill: an optimal cut into groups, and the same text as one rectangle."""
+
+from __future__ import annotations
+
+import itertools
+
+import helpers_models
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toxtests.config import GenerationConfig
+from toxtests.generate import Generator
+from toxtests.prefill import join_caches, plan_groups
+from toxtests.prompts import Prompt
+
+# Lengths from 1 to 14 words: several groups at a small per-forward overhead.
+PROMPTS = [
+    Prompt(
+        f"p{i}",
+        " ".join(["the", "weather", "was", "good", "and", "we", "went", "home"] * 2)[: 6 * i + 3],
+    )
+    for i in range(1, 12)
+] + [Prompt("short", "it"), Prompt("long", " ".join(["water"] * 14))]
+
+
+def _cost(lengths: list[int], groups: list[tuple[int, int]], overhead: int) -> int:
+    return sum((end - start) * lengths[end - 1] + overhead for start, end in groups)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=9).map(sorted), st.integers(0, 100))
+def test_plan_is_an_optimal_contiguous_cover(lengths: list[int], overhead: int) -> None:
+    groups = plan_groups(lengths, overhead)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(groups, groups[1:], strict=False))
+    # Brute force over every way of cutting the rows into contiguous groups.
+    best = min(
+        _cost(lengths, list(zip((0, *cuts), (*cuts, len(lengths)), strict=True)), overhead)
+        for size in range(len(lengths))
+        for cuts in itertools.combinations(range(1, len(lengths)), size)
+    )
+    assert _cost(lengths, groups, overhead) == best
+
+
+def test_plan_splits_two_length_clusters_and_refuses_unsorted_rows() -> None:
+    assert plan_groups([3] * 50 + [40] * 50) == [(0, 50), (50, 100)]
+    assert plan_groups([10, 11, 12]) == [(0, 3)]  # not worth a second forward pass
+    with pytest.raises(ValueError, match="ascending"):
+        plan_groups([5, 3])
+
+
+def _generators(model, tokenizer, fused: bool, **settings):  # noqa: ANN001, ANN202
+    config = GenerationConfig(max_new_tokens=8, samples=2, **settings)
+    grouped = Generator(model, tokenizer, config, "cpu")
+    grouped.prefill_overhead = 0  # as many groups as there are lengths
+    rectangle = Generator(model, tokenizer, config, "cpu")
+    rectangle.prefill_overhead = 10**9  # one padded rectangle
+    if not fused:
+        grouped.fused = rectangle.fused = None
+    return grouped, rectangle
+
+
+def _texts(rows) -> list[str]:  # noqa: ANN001
+    return [g.text for row in rows for g in row]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_grouped_prefill_gives_the_same_text_as_one_rectangle(
+    tiny, do_sample: bool, fused: bool
+) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny.base))
+    grouped, rectangle = _generators(model, tokenizer, fused, do_sample=do_sample)
+    calls = []
+    original = grouped._forward
+    grouped._forward = lambda **inputs: (
+        calls.append(inputs["input_ids"].shape) or original(**inputs)
+    )
+    got = _texts(grouped.generate(PROMPTS, None))
+    assert got == _texts(rectangle.generate(PROMPTS, None))
+    prefills = [shape for shape in calls if shape[1] > 1]
+    assert len(prefills) > 3  # really prefilled in groups
+    assert sum(rows * width for rows, width in prefills) < 26 * 14  # less than one rectangle
+    assert sum(bool(t) for t in got) > 10
+
+
+def test_gemma_sliding_window_joins_or_falls_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Gemma 3 mixes sliding-window and full layers. Prompts shorter than the window
+    are joined; once a group's prompts fill the window the cache has dropped positions,
+    cannot be re-padded, and the batch is prefilled as one rectangle instead: the text
+    is the same either way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = helpers_models.build_tiny_gemma3(tmp_path / "gemma", sliding_window=6)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    import toxtests.prefill as prefill
+
+    joined: list[bool] = []
+
+    def spy(caches, widths, original=prefill.join_caches):  # noqa: ANN001, ANN202
+        result = original(caches, widths)
+        joined.append(result is not None)
+        return result
+
+    monkeypatch.setattr(prefill, "join_caches", spy)
+    for prompts, joins in ((PROMPTS[:3] + PROMPTS[-2:-1], True), (PROMPTS, False)):
+        grouped, rectangle = _generators(model, tokenizer, True, do_sample=True)
+        joined.clear()
+        got = _texts(grouped.generate(prompts, None))
+        assert joined and all(joined) is joins
+        assert got == _texts(rectangle.generate(prompts, None))
+
+
+def test_join_refuses_caches_it_does_not_know() -> None:
+    from transformers import DynamicCache
+
+    assert join_caches([object(), object()], [3, 4]) is None
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)
+    other = DynamicCache()
+    other.update(torch.ones(2, 1, 5, 2), torch.ones(2, 1, 5, 2), 0)
+    # Widths that do not match the stored positions: refused, nothing rewritten.
+    assert join_caches([cache, other], [3, 4]) is None
+    assert other.layers[0].keys.shape == (2, 1, 5, 2)
+    joined = join_caches([cache, other], [3, 5])
+    keys = joined.layers[0].keys
+    assert keys.shape == (3, 1, 5, 2)
+    assert keys[0, 0, :2].abs().sum() == 0 and keys[1:].eq(1).all()
