@@ -67,9 +67,10 @@ def auto_batch_size(model: Any, device: str) -> int:
         free, _ = torch.cuda.mem_get_info()
         return int(max(8, min(256, free // (512 << 20))))
     # On a CPU each decode step re-reads every weight, so wide batches pay: measured on
-    # Gemma 3 270M, 148 tokens/s decoding at 64 rows and 180 at 128. Padding is the
-    # lesser cost: splitting a 100-prompt shard into tightly padded batches of 10-37 rows
-    # was slower (70 tokens/s) than one batch with 60% padding (89 tokens/s).
+    # Gemma 3 270M, 148 tokens/s decoding at 64 rows and 180 at 128 (before the packed
+    # linears). Prompt padding no longer argues for small batches (the prefill is grouped
+    # by length, `toxtests.prefill`); 256 rows measured the same as 128 (193 vs 196
+    # tokens/s), so 128 keeps the memory lower.
     return 128
 
 
