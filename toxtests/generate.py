@@ -19,9 +19,7 @@ import numpy as np
 
 from toxtests.config import GenerationConfig
 from toxtests.errors import GenerationError
-from toxtests.head import output_head
 from toxtests.memory import retained_memory
-from toxtests.packed import pack_linears
 from toxtests.prefill import FORWARD_OVERHEAD
 from toxtests.prompts import Prompt
 
@@ -84,6 +82,9 @@ class Generator:
         self.device = device
         self.batch_size = settings.batch_size or auto_batch_size(model, device)
         self.eos_ids = self._eos_ids()
+        from toxtests.head import output_head  # torch: only once a model is loaded
+        from toxtests.packed import pack_linears
+
         # (decoder, fused output head) where the head provably equals the model's own.
         self.fused = output_head(model, device)
         if device.startswith("cpu"):
