@@ -53,6 +53,31 @@ def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     assert leftovers == []
 
 
+def test_stale_temporaries_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    """A run killed between writing and renaming leaves `.<key>.json.<random>.tmp`
+    behind; the next run deletes it once it is clearly abandoned (an hour old)."""
+    import os
+
+    cache = Cache(tmp_path)
+    key = make_key("kept")
+    cache.put("generations", key, {"text": "kept"})
+    folder = cache.path("generations", key).parent
+    stale = folder / f".{key}.json.abc123.tmp"
+    live = folder / f".{key}.json.def456.tmp"
+    other_stale = tmp_path / "scores" / "ff" / ".x.json.1.tmp"
+    other_stale.parent.mkdir(parents=True)
+    for path in (stale, live, other_stale):
+        path.write_text("{")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    os.utime(other_stale, (hours_ago, hours_ago))
+    assert cache.sweep_stale_temporaries() == 2
+    assert not stale.exists() and not other_stale.exists()
+    assert live.exists()  # a writer may be about to rename it
+    assert cache.get("generations", key) == {"text": "kept"}
+    assert cache.sweep_stale_temporaries() == 0
+
+
 def _hold_lock(root: str, started: str, seconds: float) -> None:
     with Cache(root).lock("shard"):
         Path(started).write_text("locked")

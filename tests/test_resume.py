@@ -161,8 +161,16 @@ def test_killed_run_resumes_without_redoing_finished_work(
     generations_before = sum(1 for path in before if path.parent.parent.name == "generations")
     assert 0 < generations_before < ENTRIES
     verify(cache)  # SIGKILL leaves whole entries or none: the writes are atomic
+    # What a kill between writing and renaming leaves, as if from a run hours ago:
+    # the next run sweeps it.
+    stale = cache / "generations" / "00" / ".planted.json.x1y2.tmp"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"sha256": "')
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
 
     stderr = workload.run(cache, tmp_path / "resumed.json")
+    assert not stale.exists()
     after = entries(cache)
     changed = [path for path, stamp in before.items() if after.get(path) != stamp]
     assert changed == [], "finished entries were rewritten"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +26,8 @@ from toxtests.errors import CacheCorruptionWarning
 from toxtests.files import atomic_write_bytes
 
 FORMAT = 1
+# A writer's temporary file lives for milliseconds; one this old was left by a killed run.
+STALE_TEMPORARY_S = 3600
 
 
 def make_key(*parts: Any) -> str:
@@ -77,6 +81,33 @@ class Cache:
                 stacklevel=3,
             )
         path.unlink(missing_ok=True)
+
+    def sweep_stale_temporaries(self, older_than_s: float = STALE_TEMPORARY_S) -> int:
+        """Delete the `.<entry>.tmp` files a killed writer left behind; the count.
+
+        Atomic writes go through a temporary file renamed into place, so a SIGKILL at
+        the wrong moment leaves one behind: harmless, but nothing else would ever delete
+        it. Only files older than `older_than_s` go: a live writer's file is never one.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for kind in ("generations", "scores"):
+            base = self.root / kind
+            if not base.is_dir():
+                continue
+            for shard in os.scandir(base):
+                if not shard.is_dir():
+                    continue
+                for entry in os.scandir(shard.path):
+                    if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                        continue
+                    try:
+                        if entry.stat().st_mtime < cutoff:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass  # another process swept it first
+        return removed
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:

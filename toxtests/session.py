@@ -119,6 +119,7 @@ class GateSession:
         self.config: Config = load_config(thresholds)
         self.scorer_spec = options.scorer or self.config.scoring.scorer
         self.cache = Cache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
+        self.cache.sweep_stale_temporaries()
         prompts_source = options.prompts or str(DEMO_PROMPTS)
         self.prompt_set: PromptSet = load_prompts(prompts_source)
         self.prompts: list[Prompt] = stratified_subset(
