@@ -28,7 +28,7 @@ def plan_groups(lengths: list[int], overhead: int = FORWARD_OVERHEAD) -> list[tu
     if any(a > b for a, b in zip(lengths, lengths[1:], strict=False)):
         raise ValueError("plan_groups needs lengths sorted in ascending order")
     count = len(lengths)
-    best = [0] + [0] * count  # best[j]: cheapest plan of the first j rows
+    best = [0] * (count + 1)  # best[j]: cheapest plan of the first j rows
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
         width = lengths[end - 1]
