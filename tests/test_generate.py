@@ -108,9 +108,11 @@ def test_uniforms_are_a_function_of_seed_prompt_and_sample() -> None:
     assert ((first >= 0) & (first < 1)).all()
 
 
+@pytest.mark.parametrize("use_ladder", [True, False])
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.5), (40, 0.95), (0, 1.0), (5, 1.0)])
-def test_fast_sampler_equals_full_sort(top_k: int, top_p: float) -> None:
-    """Same uniforms, same tokens: the partial top-k never changes the draw."""
+def test_fast_sampler_equals_full_sort(top_k: int, top_p: float, use_ladder: bool) -> None:
+    """Same uniforms, same tokens: neither the threshold ladder nor the partial top-k
+    changes the draw."""
     generator = torch.Generator().manual_seed(0)
     vocab = 5000
     # Peaked rows (nucleus inside the partial top-k) and flat rows (needs the fallback).
@@ -118,7 +120,15 @@ def test_fast_sampler_equals_full_sort(top_k: int, top_p: float) -> None:
     flat = torch.randn(64, vocab, generator=generator) * 0.1
     logits = torch.cat([peaked, flat])
     uniforms = torch.rand(128, generator=generator)
-    fast = sample_tokens(logits, uniforms, temperature=0.8, top_k=top_k, top_p=top_p, partial_k=64)
+    fast = sample_tokens(
+        logits,
+        uniforms,
+        temperature=0.8,
+        top_k=top_k,
+        top_p=top_p,
+        partial_k=64,
+        use_ladder=use_ladder,
+    )
     slow = reference_sample(logits, uniforms, temperature=0.8, top_k=top_k, top_p=top_p)
     if top_p >= 1.0 and top_k == 0:
         # Without truncation the draw is over the vocabulary in id order.
