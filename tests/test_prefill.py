@@ -103,8 +103,8 @@ def test_gemma_sliding_window_joins_or_falls_back(tmp_path, monkeypatch) -> None
 
     joined: list[bool] = []
 
-    def spy(caches, widths, original=prefill.join_caches):  # noqa: ANN001, ANN202
-        result = original(caches, widths)
+    def spy(caches, widths, room=0, original=prefill.join_caches):  # noqa: ANN001, ANN202
+        result = original(caches, widths, room)
         joined.append(result is not None)
         return result
 
@@ -132,3 +132,48 @@ def test_join_refuses_caches_it_does_not_know() -> None:
     keys = joined.layers[0].keys
     assert keys.shape == (3, 1, 5, 2)
     assert keys[0, 0, :2].abs().sum() == 0 and keys[1:].eq(1).all()
+
+
+def _cache(layer: object, rows: int, width: int, fill: float) -> object:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [layer]
+    states = torch.full((rows, 1, width, 2), fill)
+    cache.update(states, states.clone(), 0)
+    return cache
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_joined_cache_grows_in_place_then_like_its_class(sliding: bool) -> None:
+    """Decode steps write into the room allocated at the join (no new buffer), and once
+    the room, or the sliding window, is used up the layer behaves exactly as its class:
+    the returned states, the kept states and the window bookkeeping all match a layer
+    that was never joined."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    def layer() -> object:
+        return DynamicSlidingWindowLayer(sliding_window=7) if sliding else DynamicLayer()
+
+    first, second = _cache(layer(), 1, 2, 1.0), _cache(layer(), 2, 3, 2.0)
+    joined = join_caches([first, second], [2, 3], room=2)
+    # The same rows, left-padded, fed to a layer of the same class directly.
+    plain = _cache(layer(), 3, 3, 0.0)
+    plain.layers[0].keys[0, :, 1:] = 1.0
+    plain.layers[0].values[0, :, 1:] = 1.0
+    plain.layers[0].keys[1:] = 2.0
+    plain.layers[0].values[1:] = 2.0
+    start = joined.layers[0].keys.data_ptr()
+    for step in range(6):  # room for 2, a window of 6 kept positions, then beyond both
+        new = torch.full((3, 1, 1, 2), 10.0 + step)
+        got = joined.update(new, new + 0.5, 0)
+        expected = plain.update(new, new + 0.5, 0)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        mine, theirs = joined.layers[0], plain.layers[0]
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        assert joined.get_seq_length() == plain.get_seq_length()
+        if sliding:
+            assert mine.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+        if step < 2:
+            assert mine.keys.data_ptr() == start  # written in place, not reallocated
+    assert "update" not in vars(joined.layers[0])  # back to the class's own update

@@ -245,12 +245,15 @@ class Generator:
             if len(groups) > 1 and not joinable(cache):
                 break  # not a cache this can join: one rectangle instead
         widths = [mask.shape[1] for mask in masks]
-        joined = join_caches(caches, widths) if len(caches) == len(groups) else None
+        room = self.settings.max_new_tokens
+        joined = join_caches(caches, widths, room) if len(caches) == len(groups) else None
         if joined is None:
             input_ids, attention, positions = self._padded(sequences)
             last, cache = self._forward(
                 input_ids=input_ids, attention_mask=attention, position_ids=positions
             )
+            if joinable(cache):  # one group: its cache, with room for the decode steps
+                cache = join_caches([cache], [attention.shape[1]], room) or cache
             return last, cache, attention, positions[:, -1:]
         width = max(widths)
         attention = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])

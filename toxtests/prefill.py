@@ -6,7 +6,9 @@ spans 3 to 43 Gemma tokens, so one left-padded rectangle wastes about 60% of its
 prefill; even 128 length-sorted rows waste ~25% in the longest batch. Here the rows
 (sorted by length) are cut into groups that minimise padded positions plus a fixed
 per-forward overhead, each group is prefilled on its own, and the caches are left-padded
-to one width and stacked, so decoding still runs over the whole batch.
+to one width and stacked, so decoding still runs over the whole batch. The joined
+cache is allocated with room for the decode steps, which then write one position each
+instead of concatenating (`_grow_in_place`).
 
 Only transformers' `DynamicCache` of full or not-yet-truncated sliding-window layers
 is joined; anything else (another cache class, a sliding window already full) makes
@@ -51,17 +53,13 @@ def joinable(cache: Any) -> bool:
     )
 
 
-def join_caches(caches: list[Any], widths: list[int]) -> Any | None:
-    """One cache for all groups' rows, each left-padded to the widest group's width.
+def join_caches(caches: list[Any], widths: list[int], room: int = 0) -> Any | None:
+    """One cache for all groups' rows, each left-padded to the widest group's width,
+    with `room` more positions allocated after them for the decode steps.
 
     Returns the widest group's cache object, rewritten in place; None (and nothing
     touched) where the caches are not ones this knows how to join.
     """
-    import torch
-    import torch.nn.functional as F
-
-    if len(caches) == 1:
-        return caches[0]
     if not all(joinable(cache) for cache in caches):
         return None
     layers = len(caches[0].layers)
@@ -77,11 +75,46 @@ def join_caches(caches: list[Any], widths: list[int]) -> Any | None:
     joined = caches[widest]
     for index, layer in enumerate(joined.layers):
         parts = [cache.layers[index] for cache in caches]
-        pads = [width - w for w in widths]
-        layer.keys = torch.cat(
-            [F.pad(p.keys, (0, 0, pad, 0)) for p, pad in zip(parts, pads, strict=True)]
-        )
-        layer.values = torch.cat(
-            [F.pad(p.values, (0, 0, pad, 0)) for p, pad in zip(parts, pads, strict=True)]
-        )
+        rows = sum(part.keys.shape[0] for part in parts)
+        _, heads, _, dim = layer.keys.shape
+        keys = layer.keys.new_zeros(rows, heads, width + room, dim)
+        values = layer.values.new_zeros(rows, heads, width + room, layer.values.shape[-1])
+        row = 0
+        for part, part_width in zip(parts, widths, strict=True):
+            count = part.keys.shape[0]
+            keys[row : row + count, :, width - part_width : width] = part.keys
+            values[row : row + count, :, width - part_width : width] = part.values
+            row += count
+        layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
+        if room:
+            _grow_in_place(layer, keys, values)
     return joined
+
+
+def _grow_in_place(layer: Any, keys: Any, values: Any) -> None:
+    """Make `layer.update` write into the preallocated `keys`/`values` buffers.
+
+    transformers' own update concatenates: a fresh (rows x positions) copy of every
+    layer's keys and values at every decode step, ~37 ms a step for Gemma 3 270M at 128
+    rows, where this writes one position. Once the buffer is full, or a sliding window
+    would start dropping positions, the layer goes back to its class's own update.
+    """
+    capacity = keys.shape[-2]
+    window = getattr(layer, "sliding_window", None)
+    if window is not None:
+        capacity = min(capacity, window - 1)
+
+    def update(key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        filled = layer.keys.shape[-2]
+        end = filled + key_states.shape[-2]
+        if end > capacity or layer.keys.data_ptr() != keys.data_ptr():
+            del layer.update  # the class's own update from here on
+            return layer.update(key_states, value_states, *args, **kwargs)
+        keys[:, :, filled:end] = key_states
+        values[:, :, filled:end] = value_states
+        layer.keys, layer.values = keys[:, :, :end], values[:, :, :end]
+        if window is not None:
+            layer.cumulative_length += key_states.shape[-2]
+        return layer.keys, layer.values
+
+    layer.update = update
