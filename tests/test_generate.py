@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from toxtests.config import GenerationConfig
 from toxtests.errors import GenerationError
-from toxtests.generate import Generator, sample_uniforms
+from toxtests.generate import Generator, balanced_batches, sample_uniforms
 from toxtests.prompts import Prompt
 from toxtests.sampling import reference_sample, sample_tokens
 
@@ -184,3 +186,13 @@ def test_tokenizer_without_pad_token_gets_eos_and_padding_stays_masked(tiny, tmp
     batched = generator.generate(PROMPTS, None)
     alone = [generator.generate([p], None)[0] for p in PROMPTS]
     assert [r[0].text for r in batched] == [r[0].text for r in alone]
+
+
+@given(st.integers(0, 2000), st.integers(1, 300))
+def test_balanced_batches_cover_the_rows_in_as_few_even_batches(count: int, largest: int) -> None:
+    batches = balanced_batches(count, largest)
+    assert [i for start, end in batches for i in range(start, end)] == list(range(count))
+    sizes = [end - start for start, end in batches]
+    assert len(batches) == -(-count // largest)  # no more batches than needed
+    assert all(0 < size <= largest for size in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1

@@ -72,6 +72,15 @@ def auto_batch_size(model: Any, device: str) -> int:
     return 128
 
 
+def balanced_batches(count: int, largest: int) -> list[tuple[int, int]]:
+    """[start, end) of as few batches as `largest` allows, of sizes differing by at most
+    one: 900 rows at 128 are 8 batches of 112-113, not 7 of 128 and a last one of 4
+    that re-reads every weight 20 times for 80 tokens (~3% of a gate on Gemma 3 270M)."""
+    batches = -(-count // largest)
+    bounds = [count * index // batches for index in range(batches + 1)] if batches else [0]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
 class Generator:
     """Generates continuations for prompts under the parent or one adapter."""
 
@@ -150,8 +159,8 @@ class Generator:
         rows.sort(key=lambda row: (len(encoded[row[0]]), row))
         results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
         with torch.inference_mode(), retained_memory(), self._adapter_context(adapter):
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
+            for start, end in balanced_batches(len(rows), self.batch_size):
+                batch = rows[start:end]
                 texts, counts = self._generate_batch(
                     [encoded[i] for i, _ in batch],
                     [
