@@ -75,3 +75,17 @@ def test_ladder_draws_equal_the_full_sort_on_every_row(top_p: float) -> None:
     got = sample_probabilities(probs, uniforms, top_p=top_p)
     ordered, order = torch.sort(probs, dim=-1, descending=True)
     assert torch.equal(got, _nucleus_pick(ordered, order, uniforms, top_p))
+
+
+def test_concurrent_callers_get_the_same_candidates() -> None:
+    """Generators in several threads may sample at once; numba's fallback threading
+    layer would abort the process on concurrent parallel calls, so they are serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    probs = _rows(torch.Generator().manual_seed(2)).numpy()
+    expected = nucleus.nucleus_candidates(probs, 0.9)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: nucleus.nucleus_candidates(probs, 0.9), range(8)))
+    for values, ids, found in results:
+        assert np.array_equal(values, expected[0]) and np.array_equal(ids, expected[1])
+        assert np.array_equal(found, expected[2])

@@ -190,12 +190,13 @@ class Generator:
         last, cache, attention, positions = self._prefill(sequences)
         finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
+        tokens = last  # replaced by each step's tokens before it is read
         for step in range(settings.max_new_tokens):
             if step:
                 positions = positions + 1
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
                 last, cache = self._forward(
-                    input_ids=tokens.unsqueeze(-1),  # noqa: F821 - set by the previous step
+                    input_ids=tokens.unsqueeze(-1),
                     attention_mask=attention,
                     position_ids=positions,
                     past_key_values=cache,

@@ -18,13 +18,22 @@ handles it with its own top-k.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 
+numba: Any
 try:  # numba is a dependency; a broken install keeps the torch path working
     import numba
     from numba import njit, prange
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
+
+# The kernels, once `_define_kernels` has run.
+_thresholds: Any = None
+_gather: Any = None
+_pack: Any = None
 
 # Thresholds tried, largest first: a rung holds at most 1/t tokens, so the sort stays
 # small. 2^-8 covers peaked rows, 2^-15 the flat ones seen on RealToxicityPrompts.
@@ -33,7 +42,10 @@ LADDER = np.array([2.0**-8, 2.0**-10, 2.0**-12, 2.0**-15], dtype=np.float32)
 # the caller's cumulative sums is ~1e-7, so the nucleus cannot reach past the rung.
 MARGIN = 1e-4
 
-if numba is not None:
+
+def _define_kernels() -> None:
+    """Define the numba kernels (compiled at their first call, cached on disk)."""
+    global _thresholds, _gather, _pack
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=True)
     def _thresholds(probs: np.ndarray, ladder: np.ndarray, target: float) -> np.ndarray:
@@ -112,8 +124,20 @@ if numba is not None:
         return packed_values, packed_ids
 
 
+_defined = False
+if numba is not None:
+    try:
+        _define_kernels()
+        _defined = True
+    except Exception:  # noqa: BLE001 - no cache location, say: the torch path still works
+        _defined = False
+
+# numba's fallback "workqueue" threading layer aborts the process on concurrent calls.
+_lock = threading.Lock()
+
+
 def available() -> bool:
-    return numba is not None
+    return _defined
 
 
 def nucleus_candidates(
@@ -125,8 +149,16 @@ def nucleus_candidates(
     probability, zero-padded; found (rows,) bool: whether the row's nucleus is inside
     them. Rows not found carry nothing and need another method.
     """
+    with _lock:
+        return _candidates(probs, top_p, threads)
+
+
+def _candidates(
+    probs: np.ndarray, top_p: float, threads: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if threads:  # torch's thread count, say: not more threads than the cores it uses
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        numba.set_num_threads(max(1, min(threads, most)))
     rows, vocab = probs.shape
     thresholds = _thresholds(probs, LADDER, top_p + MARGIN)
     # At most 1/t tokens have p >= t (a little slack for a sum a rounding above 1).

@@ -3,7 +3,8 @@
 `F.linear` on a CPU goes to MKL's sgemm. On an AMD EPYC (Zen 4, AVX-512, 2 threads) that
 reaches ~85-170 GFLOP/s on a decoder's shapes (128 rows x 640 x 2048), while oneDNN with
 the weight reordered once into its blocked layout reaches ~200-215 GFLOP/s on the same
-shapes (~305 on an Intel Xeon with AVX-512, where both libraries are close). PyTorch exposes that path as `torch.ops.mkldnn._reorder_linear_weight` and
+shapes (~305 on an Intel Xeon with AVX-512, where both libraries are close). PyTorch
+exposes that path as `torch.ops.mkldnn._reorder_linear_weight` and
 `torch.ops.mkldnn._linear_pointwise` (what `torch.compile` uses for CPU linears).
 
 A packed layer keeps its `nn.Linear` (weights, state dict, fingerprints untouched) and

@@ -86,18 +86,19 @@ def sample_probabilities(
     if use_ladder and _ladder_applies(probs):
         from toxtests import nucleus
 
-        values, ids, found = nucleus.nucleus_candidates(
+        candidates, candidate_ids, found_mask = nucleus.nucleus_candidates(
             probs.numpy(), top_p, threads=torch.get_num_threads()
         )
-        found_rows = torch.from_numpy(found).nonzero().squeeze(-1)
+        found = torch.from_numpy(found_mask)
+        found_rows = found.nonzero().squeeze(-1)
         if found_rows.numel():
             tokens[found_rows] = _nucleus_pick(
-                torch.from_numpy(values)[found_rows],
-                torch.from_numpy(ids)[found_rows],
+                torch.from_numpy(candidates)[found_rows],
+                torch.from_numpy(candidate_ids)[found_rows],
                 uniforms[found_rows],
                 top_p,
             )
-        pending = pending[~torch.from_numpy(found)]
+        pending = pending[~found]
     k = partial_k
     # Widen the partial top-k for the rows whose nucleus it did not hold: most rows
     # finish at the first size, a few flat ones at the next, a full sort is rare.
