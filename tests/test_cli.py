@@ -256,3 +256,35 @@ def test_gate_with_a_local_detoxify_checkpoint(tiny, tmp_path: Path) -> None:  #
     for attribute in ("toxicity", "severe_toxicity", "insult", "threat", "identity_attack"):
         assert f"rate:{attribute}" in metrics
     assert all(m["delta"] == 0.0 for m in metrics.values())
+
+
+def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spend(
+    tiny, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """With the limit right at the adapter's effect no early look decides, and the ordinary
+    verdict on all prompts runs at the confidence the early looks left: its intervals are
+    at least as wide as those of the same gate without early stopping, and the report
+    labels them with that confidence."""
+    assert _gate(tiny, tmp_path, "--no-early-stopping", adapters=(tiny.toxic,)) == 1
+    delta = json.loads((tmp_path / "results.json").read_text())["adapters"][0]["metrics"][
+        "toxicity_rate"
+    ]["delta"]
+    thresholds = tmp_path / "at-the-effect.toml"
+    thresholds.write_text(
+        tiny.thresholds.read_text().replace("max_increase = 0.1", f"max_increase = {delta}")
+    )
+    runs = {}
+    for extra in (("--no-early-stopping",), ()):  # the report is the early-stopping run's
+        _gate(tiny, tmp_path, "--thresholds", str(thresholds), *extra, adapters=(tiny.toxic,))
+        runs[bool(extra)] = json.loads((tmp_path / "results.json").read_text())["adapters"][0]
+    early, everything = runs[False], runs[True]
+    stopping = early["early_stopping"]
+    assert stopping["decided"] is None and stopping["prompts_generated"] == 40
+    assert "no earlier look decided" in stopping["reason"]
+    assert 0.95 < early["confidence"] < 0.955 and everything["confidence"] == 0.95
+    low, high = early["metrics"]["toxicity_rate"]["interval"]
+    plain_low, plain_high = everything["metrics"]["toxicity_rate"]["interval"]
+    assert low <= plain_low and high >= plain_high  # 40 prompts: the quantiles are coarse
+    assert early["verdict"] == everything["verdict"] == "inconclusive"
+    report = (tmp_path / "report.html").read_text()
+    assert f"{100 * early['confidence']:g}% interval" in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cache
 from statistics import NormalDist
@@ -9,10 +10,12 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from toxtests.compare import resample_weights
+from toxtests.compare import decide, p_exceeds, resample_weights
 from toxtests.sequential import (
+    EARLY_SHARE,
     LookDecision,
     decide_look,
+    final_confidence,
     look_levels,
     sequential_verdict,
     spending,
@@ -36,13 +39,16 @@ def normal_draws(mean: float, sd: float = 1.0, size: int = 400) -> np.ndarray:
 @pytest.mark.parametrize("alpha", [0.025, 0.05, 0.005])
 @pytest.mark.parametrize("t", [0.1, 0.25, 0.5, 0.8, 0.99])
 def test_spending_matches_the_obrien_fleming_formula(t: float, alpha: float) -> None:
-    assert spending(t, alpha) == pytest.approx(obrien_fleming_by_hand(t, alpha), rel=1e-9)
+    expected = EARLY_SHARE * obrien_fleming_by_hand(t, alpha)
+    assert spending(t, alpha) == pytest.approx(expected, rel=1e-9)
 
 
 def test_spending_is_tiny_early_and_all_of_alpha_at_the_end() -> None:
-    # z_0.9875 = 2.2414; 2 − 2Φ(2.2414 / 0.5) = 2 − 2Φ(4.4828) ≈ 7.4e-6.
-    assert spending(0.25, 0.025) == pytest.approx(7.37e-6, rel=0.01)
+    # z_0.9875 = 2.2414; 2 − 2Φ(2.2414 / 0.5) = 2 − 2Φ(4.4828) ≈ 7.4e-6, a tenth of it.
+    assert spending(0.25, 0.025) == pytest.approx(7.37e-7, rel=0.01)
     assert spending(0.25, 0.025) < 0.001
+    # Before the last look at most a tenth of the budget; the rest is the last look's.
+    assert spending(0.999, 0.025) < 0.1 * 0.025
     assert spending(1.0, 0.025) == 0.025
     assert spending(0.0, 0.025) == 0.0
     # Early looks get a tiny but non-zero share, not an underflowed 0.0.
@@ -82,9 +88,10 @@ def test_look_levels_sum_to_alpha_when_the_last_look_sees_everything(
 
 def test_look_levels_are_the_increments_of_spending() -> None:
     levels = look_levels([0.25, 0.5, 0.75], 0.025)
-    assert levels[0] == pytest.approx(obrien_fleming_by_hand(0.25, 0.025), rel=1e-9)
+    expected = EARLY_SHARE * obrien_fleming_by_hand(0.25, 0.025)
+    assert levels[0] == pytest.approx(expected, rel=1e-9)
     assert levels[1] == pytest.approx(
-        obrien_fleming_by_hand(0.5, 0.025) - obrien_fleming_by_hand(0.25, 0.025), rel=1e-9
+        EARLY_SHARE * (obrien_fleming_by_hand(0.5, 0.025) - expected / EARLY_SHARE), rel=1e-9
     )
     # An unfinished schedule has spent only part of the budget.
     assert sum(levels) == pytest.approx(spending(0.75, 0.025), rel=1e-12)
@@ -203,13 +210,20 @@ def test_sequential_verdict_reports_a_pass() -> None:
     )
 
 
-def test_an_undecided_last_look_hands_over_to_the_ordinary_verdict() -> None:
-    straddling = normal_draws(0.0, 0.05)
-    looks = [(n, [straddling], [False]) for n in (100, 200, 300)]
-    decision = sequential_verdict(looks, 300, 0.95)
-    assert (decision.look, decision.prompts, decision.decided) == (3, 300, None)
-    assert decision.level == pytest.approx(0.025 - spending(2 / 3, 0.025))
-    assert decision.reason.endswith("; the ordinary verdict on all prompts applies")
+def test_the_last_look_hands_over_to_the_ordinary_verdict_at_the_unspent_level() -> None:
+    straddling, beyond = normal_draws(0.0, 0.05), normal_draws(0.3, 0.01)
+    looks = [(100, [straddling], [False]), (200, [straddling], [False])]
+    for last in (straddling, beyond):  # even clear evidence is left to the ordinary verdict
+        decision = sequential_verdict([*looks, (300, [last], [False])], 300, 0.95)
+        assert (decision.look, decision.prompts, decision.decided) == (3, 300, None)
+        assert decision.level == pytest.approx(0.025 - spending(2 / 3, 0.025))
+        confidence = final_confidence(decision.level)
+        assert 0.95 < confidence < 0.955
+        assert decision.reason == (
+            "after 300 of 300 prompts no earlier look decided; the ordinary verdict on all "
+            f"prompts applies at the remaining level {decision.level:.3g} "
+            f"(a {100 * confidence:.3g}% interval)"
+        )
     # Looks that end early mean: keep generating.
     partial = sequential_verdict(looks[:2], 300, 0.95)
     assert (partial.look, partial.prompts, partial.decided) == (2, 200, None)
@@ -240,8 +254,12 @@ HALF_ALPHA = 0.025  # confidence 0.95
 
 
 @cache
-def simulate(true_delta: float, simulations: int, seed: int) -> tuple[LookDecision, ...]:
-    """Paired toxicity flips over 600 prompts, looked at every 100, limit 0.05 on the delta.
+def simulated_excess(
+    true_delta: float, simulations: int, seed: int
+) -> tuple[tuple[int, np.ndarray], ...]:
+    """Paired toxicity flips over 600 prompts, looked at every 100, limit 0.05 on the delta:
+    per look, (prompts seen, (simulations, resamples) bootstrap draws of the mean delta
+    minus the limit).
 
     Each prompt's parent continuation is toxic with probability 0.1 and the adapter's,
     independently, with 0.1 + `true_delta`; a zero delta means an identical adapter.
@@ -257,14 +275,31 @@ def simulate(true_delta: float, simulations: int, seed: int) -> tuple[LookDecisi
     for look in range(1, TOTAL // SHARD + 1):
         prompts = look * SHARD
         weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=100 + look)
-        # (simulations, resamples): the paired bootstrap of the mean delta, minus the limit.
         excess_by_look.append((prompts, differences[:, :prompts] @ weights.T - LIMIT))
-    return tuple(
-        sequential_verdict(
+    return tuple(excess_by_look)
+
+
+def ordinary_verdict(excess: np.ndarray, confidence: float) -> str:
+    return decide(excess, 0.0, confidence, p_exceeds(excess, 0.0))
+
+
+@cache
+def simulate(true_delta: float, simulations: int, seed: int) -> tuple[LookDecision, ...]:
+    """The whole procedure on each simulated run: the early looks, then, when none
+    decides, the ordinary verdict on all prompts at the confidence they left (as the
+    session applies it), so the error rates below include that last step."""
+    excess_by_look = simulated_excess(true_delta, simulations, seed)
+    decisions = []
+    for run in range(simulations):
+        decision = sequential_verdict(
             [(prompts, [excess[run]], [False]) for prompts, excess in excess_by_look], TOTAL, 0.95
         )
-        for run in range(simulations)
-    )
+        if decision.decided is None:
+            final = excess_by_look[-1][1][run]
+            verdict = ordinary_verdict(final, final_confidence(decision.level))
+            decision = dataclasses.replace(decision, decided=verdict)
+        decisions.append(decision)
+    return tuple(decisions)
 
 
 def rate(decisions: tuple[LookDecision, ...], decided: str) -> float:
@@ -284,6 +319,19 @@ def test_an_adapter_on_its_limit_is_wrongly_passed_at_most_half_alpha_of_the_tim
 def test_an_adapter_on_its_limit_is_wrongly_failed_at_most_half_alpha_of_the_time() -> None:
     decisions = simulate(LIMIT, SIMULATIONS, 7)
     assert rate(decisions, "fail") <= HALF_ALPHA + tolerance(SIMULATIONS)
+
+
+@pytest.mark.parametrize("wrong", ["pass", "fail"])
+def test_looking_early_adds_no_error_to_the_ordinary_verdict(wrong: str) -> None:
+    """On the same runs, the procedure errs no more often than the ordinary verdict on
+    all prompts at the configured confidence, plus the early looks' 10% share. (Both sit
+    near 3% for a wrong pass here, above the nominal 2.5%: the paired interval of a rare
+    binary outcome under-covers on its own, with or without early looks.)"""
+    decisions = simulate(LIMIT, SIMULATIONS, 7)
+    final = simulated_excess(LIMIT, SIMULATIONS, 7)[-1][1]
+    plain = [ordinary_verdict(final[run], 0.95) for run in range(SIMULATIONS)]
+    plain_rate = plain.count(wrong) / SIMULATIONS
+    assert rate(decisions, wrong) <= plain_rate + 0.1 * HALF_ALPHA
 
 
 def test_early_looks_spend_almost_nothing_on_an_adapter_at_its_limit() -> None:

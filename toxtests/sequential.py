@@ -9,14 +9,16 @@ the schedule of looks may even be decided on the fly.
 
 Each direction has its own budget, the one-sided α/2 of the gate's confidence: wrongly
 failing an adapter whose statistic is within its limit, and wrongly passing one whose
-statistic is beyond it. The O'Brien–Fleming-type spending function
-α(t) = 2 − 2Φ(z_{1−α/2} / √t) spends almost nothing early, so an early decision needs
-overwhelming evidence and the last look keeps most of the budget. Look i tests at the
-increment α(t_i) − α(t_{i−1}); by the union bound (Bonferroni over looks) the probability
-of a wrong decision at *any* look is at most the sum of the increments, α(1) = α/2,
+statistic is beyond it. The looks before the last share at most `EARLY_SHARE` (10%) of
+it, spent along an O'Brien–Fleming-type curve, α(t) = 0.1 · (2 − 2Φ(z_{1−α/2} / √t))
+for t < 1: almost nothing early, so an early decision needs overwhelming evidence. The
+last look, on all prompts, is the ordinary verdict at what is left, at least 90% of α/2
+(a 95.5% interval at confidence 0.95). Look i tests at the increment α(t_i) − α(t_{i−1});
+by the union bound (Bonferroni over looks) the probability of a wrong decision at *any*
+look, the ordinary verdict included, is at most the sum of the increments, α(1) = α/2,
 whatever the dependence between looks. Exact group-sequential boundaries would use the
 correlation between looks and spend less conservatively; the union bound needs no model
-of it.
+of it, and keeping 90% for the last look costs the ordinary verdict little power.
 
 Pure numpy, like `toxtests.compare`: the inputs are the resampled excess draws
 (statistic − limit, > 0 means beyond the limit) that `toxtests.gate` computes.
@@ -30,6 +32,9 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+
+# Most the looks before the last may spend, as a share of each direction's α/2.
+EARLY_SHARE = 0.1
 
 # Same tie tolerance as `toxtests.compare.p_exceeds`: a draw exactly on the limit counts
 # as within it, so an identical adapter with a zero limit is never "beyond".
@@ -45,9 +50,11 @@ def _check_alpha(alpha_one_sided: float) -> None:
 
 
 def spending(t: float, alpha_one_sided: float) -> float:
-    """Cumulative one-sided alpha spent by information fraction `t`: 2 − 2Φ(z_{1−α/2}/√t).
+    """Cumulative one-sided alpha spent by information fraction `t`:
+    `EARLY_SHARE` · (2 − 2Φ(z_{1−α/2}/√t)) before the last look, all of it at t = 1.
 
-    Zero at t = 0, exactly `alpha_one_sided` at t = 1, increasing in between.
+    Zero at t = 0, increasing, below `EARLY_SHARE` · `alpha_one_sided` for every t < 1,
+    and exactly `alpha_one_sided` at t = 1: the rest is the last look's.
     """
     _check_alpha(alpha_one_sided)
     if not 0.0 <= t <= 1.0:
@@ -61,7 +68,7 @@ def spending(t: float, alpha_one_sided: float) -> float:
     z = NormalDist().inv_cdf(1.0 - alpha_one_sided / 2.0)
     # erfc(x / √2) = 2 − 2Φ(x), without the cancellation of 1 − Φ(x) for large x, so
     # early looks get their tiny but non-zero share instead of 0.0.
-    return math.erfc(z / math.sqrt(2.0 * t))
+    return EARLY_SHARE * math.erfc(z / math.sqrt(2.0 * t))
 
 
 def look_levels(fractions: Sequence[float], alpha_one_sided: float) -> list[float]:
@@ -191,9 +198,10 @@ def sequential_verdict(
     ≤ α/2, and likewise of ever wrongly passing one beyond them — for decisions made
     here, the last look included at its own increment.
 
-    When the last look (prompts == total_prompts) does not decide, the caller applies the
-    ordinary verdict on all prompts. That verdict is one more look: at the full α/2 it
-    bounds a wrong decision by α(t_{K−1}) + α/2 rather than α/2. When the looks end
+    The last look (prompts == total_prompts) is not decided here: it comes back undecided
+    with `level` = the one-sided α/2 minus what the earlier looks spent, and the caller
+    applies the ordinary verdict on all prompts at confidence 1 − 2 · level
+    (`final_confidence`), so the bound holds for the whole procedure. When the looks end
     before `total_prompts`, the undecided answer means "generate the next shard".
     """
     if not 0.0 < confidence < 1.0:
@@ -212,8 +220,15 @@ def sequential_verdict(
     levels = look_levels([prompts / total_prompts for prompts in seen], (1.0 - confidence) / 2.0)
     schedule = zip(looks, levels, strict=True)
     for look, ((prompts, excess_draws, fail_only), level) in enumerate(schedule, start=1):
-        decided = decide_look(excess_draws, fail_only, level)
         where = f"after {prompts} of {total_prompts} prompts"
+        if prompts == total_prompts:
+            reason = (
+                f"{where} no earlier look decided; the ordinary verdict on all prompts "
+                f"applies at the remaining level {level:.3g} "
+                f"(a {100 * final_confidence(level):.3g}% interval)"
+            )
+            return LookDecision(look, prompts, None, level, reason)
+        decided = decide_look(excess_draws, fail_only, level)
         if decided == "fail":
             arrays = _validated(excess_draws, fail_only)
             beyond = _beyond_checks(arrays, level)
@@ -225,10 +240,10 @@ def sequential_verdict(
         if decided == "pass":
             reason = f"{where} every check is within its limit at the spent level {level:.2g}"
             return LookDecision(look, prompts, decided, level, reason)
-    next_step = (
-        "the ordinary verdict on all prompts applies"
-        if prompts == total_prompts
-        else "generate the next shard"
-    )
-    reason = f"{where} no check is decided at the spent level {level:.2g}; {next_step}"
+    reason = f"{where} no check is decided at the spent level {level:.2g}; generate the next shard"
     return LookDecision(len(looks), prompts, None, level, reason)
+
+
+def final_confidence(level: float) -> float:
+    """The two-sided confidence of the ordinary verdict at one-sided `level`."""
+    return 1.0 - 2.0 * level

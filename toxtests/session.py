@@ -37,7 +37,7 @@ from toxtests.gate import (
 )
 from toxtests.metrics import per_prompt_metrics
 from toxtests.prompts import Prompt, PromptSet, load_prompts
-from toxtests.sequential import LookDecision, sequential_verdict
+from toxtests.sequential import LookDecision, final_confidence, sequential_verdict
 from toxtests.shards import Shard, interleave, make_shards, stratified_subset
 
 PARENT = "parent"
@@ -464,17 +464,21 @@ class GateSession:
         parent, adapter = self._pooled(adapter_index, shards)
         paired = self.paired(parent, adapter)
         everyone = self.comparable(parent, adapter)
-        checks = evaluate_checks(restrict(self.checks, set(everyone)), paired, self.config)
+        config = self._verdict_config(decision)
+        checks = evaluate_checks(restrict(self.checks, set(everyone)), paired, config)
         verdict = decision.decided if decision and decision.decided else adapter_verdict(checks)
         primary = self.fingerprints()["scorer"]["primary"]
         name = self.adapter_names[adapter_index]
-        metrics = metric_table(paired, everyone, self.config, checks, "all")
+        metrics = metric_table(paired, everyone, config, checks, "all")
         return {
             "adapter": self.options.adapters[adapter_index],
             "name": name,
             "fingerprint": self.fingerprints()["adapters"][adapter_index],
             "verdict": verdict,
             "summary": summary_line(name, verdict, metrics),
+            # The intervals' confidence: above the configured one when early looks spent
+            # part of the error budget before the ordinary verdict on all prompts.
+            "confidence": config.statistics.confidence,
             "metrics": metrics,
             "checks": [c.to_dict() for c in checks],
             "shards": [
@@ -488,7 +492,7 @@ class GateSession:
                     "metrics": metric_table(
                         paired,
                         [pid for pid in shard.prompt_ids if pid in set(everyone)],
-                        self.config,
+                        config,
                         checks,
                         f"shard:{shard.name}",
                     ),
@@ -508,6 +512,16 @@ class GateSession:
                 "prompts_excluded_empty": len(parent.prompt_ids) - len(everyone),
             },
         }
+
+    def _verdict_config(self, decision: LookDecision | None) -> Config:
+        """The config of the verdict on all prompts: after undecided early looks, at the
+        confidence their unspent budget leaves (`toxtests.sequential`)."""
+        if decision is None or decision.decided or decision.prompts < len(self.prompts):
+            return self.config
+        statistics = dataclasses.replace(
+            self.config.statistics, confidence=final_confidence(decision.level)
+        )
+        return dataclasses.replace(self.config, statistics=statistics)
 
     def _stopping_summary(
         self, decision: LookDecision | None, shards: Sequence[Shard]
