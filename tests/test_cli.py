@@ -288,3 +288,22 @@ def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spe
     assert early["verdict"] == everything["verdict"] == "inconclusive"
     report = (tmp_path / "report.html").read_text()
     assert f"{100 * early['confidence']:g}% interval" in report
+    # The per-shard tests under pytest run at the same confidence as the final verdict,
+    # so a failing shard test still implies a failing gate.
+    from toxtests.session import GateSession, RunOptions
+
+    session = GateSession(
+        RunOptions(
+            model=str(tiny.base),
+            adapters=[str(tiny.toxic)],
+            prompts=str(tiny.prompts),
+            thresholds=str(thresholds),
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    assert session._final_look_confidence() == pytest.approx(early["confidence"])
+    for shard, reported in zip(session.shards, early["shards"], strict=True):
+        _, table = session.shard_checks(0, shard)
+        assert (
+            table["toxicity_rate"]["interval"] == reported["metrics"]["toxicity_rate"]["interval"]
+        )

@@ -37,7 +37,12 @@ from toxtests.gate import (
 )
 from toxtests.metrics import per_prompt_metrics
 from toxtests.prompts import Prompt, PromptSet, load_prompts
-from toxtests.sequential import LookDecision, final_confidence, sequential_verdict
+from toxtests.sequential import (
+    LookDecision,
+    final_confidence,
+    look_levels,
+    sequential_verdict,
+)
 from toxtests.shards import Shard, interleave, make_shards, stratified_subset
 
 PARENT = "parent"
@@ -382,15 +387,17 @@ class GateSession:
         """The fail-only checks of one shard, Bonferroni over the whole family.
 
         Bonferroni is never more powerful than the aggregate's Holm, so a shard test
-        that fails implies the adapter's gate fails too.
+        that fails implies the adapter's gate fails too. With early stopping on, both run
+        at the confidence the early looks leave to the verdict on all prompts.
         """
         parent = self.shard_scores(None, shard)
         adapter = self.shard_scores(adapter_index, shard)
         paired = self.paired(parent, adapter)
         members = self.comparable(parent, adapter)
         specs = restrict([c for c in self.checks if c.scope == f"shard:{shard.name}"], set(members))
-        results = evaluate_checks(specs, paired, self.config, family_size=len(self.checks))
-        table = metric_table(paired, members, self.config, results, f"shard:{shard.name}")
+        config = self._at_confidence(self._final_look_confidence())
+        results = evaluate_checks(specs, paired, config, family_size=len(self.checks))
+        table = metric_table(paired, members, config, results, f"shard:{shard.name}")
         return results, table
 
     def sequential(
@@ -518,9 +525,25 @@ class GateSession:
         confidence their unspent budget leaves (`toxtests.sequential`)."""
         if decision is None or decision.decided or decision.prompts < len(self.prompts):
             return self.config
-        statistics = dataclasses.replace(
-            self.config.statistics, confidence=final_confidence(decision.level)
-        )
+        return self._at_confidence(final_confidence(decision.level))
+
+    def _final_look_confidence(self) -> float | None:
+        """With early stopping, the confidence of the verdict on all prompts when no
+        earlier look decides: fixed in advance by the shard schedule."""
+        if not self.early_stopping or not self.prompts:
+            return None
+        seen, fractions = 0, []
+        for shard in self.shards:
+            seen += len(shard.prompts)
+            fractions.append(min(1.0, seen / len(self.prompts)))
+        fractions = sorted(set(fractions))
+        alpha = (1.0 - self.config.statistics.confidence) / 2.0
+        return final_confidence(look_levels(fractions, alpha)[-1])
+
+    def _at_confidence(self, confidence: float | None) -> Config:
+        if confidence is None:
+            return self.config
+        statistics = dataclasses.replace(self.config.statistics, confidence=confidence)
         return dataclasses.replace(self.config, statistics=statistics)
 
     def _stopping_summary(
