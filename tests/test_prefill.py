@@ -177,3 +177,22 @@ def test_joined_cache_grows_in_place_then_like_its_class(sliding: bool) -> None:
         if step < 2:
             assert mine.keys.data_ptr() == start  # written in place, not reallocated
     assert "update" not in vars(joined.layers[0])  # back to the class's own update
+
+
+def test_a_joined_cache_is_freed_without_a_garbage_collection() -> None:
+    """The in-place update must not tie the layer into a reference cycle: every batch
+    drops its cache, and its buffers must go at once, not at the next gc run."""
+    import gc
+    import weakref
+
+    from transformers.cache_utils import DynamicLayer
+
+    gc.disable()
+    try:
+        joined = join_caches([_cache(DynamicLayer(), 2, 3, 1.0)], [3], room=4)
+        joined.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), 0)
+        alive = weakref.ref(joined.layers[0])
+        del joined
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -17,6 +17,7 @@ is joined; anything else (another cache class, a sliding window already full) ma
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 # A forward pass costs about as much fixed time as this many padded positions; it
@@ -104,7 +105,12 @@ def _grow_in_place(layer: Any, keys: Any, values: Any) -> None:
     if window is not None:
         capacity = min(capacity, window - 1)
 
+    # A weak reference: the layer holds this function, which must not hold the layer
+    # (a reference cycle would keep every batch's cache alive until a garbage collection).
+    owner = weakref.ref(layer)
+
     def update(key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        layer = owner()
         filled = layer.keys.shape[-2]
         end = filled + key_states.shape[-2]
         if end > capacity or layer.keys.data_ptr() != keys.data_ptr():
