@@ -110,7 +110,7 @@ def _grow_in_place(layer: Any, keys: Any, values: Any) -> None:
     owner = weakref.ref(layer)
 
     def update(key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
-        layer = owner()
+        layer: Any = owner()  # alive: only the layer itself calls this
         filled = layer.keys.shape[-2]
         end = filled + key_states.shape[-2]
         if end > capacity or layer.keys.data_ptr() != keys.data_ptr():
