@@ -2,9 +2,11 @@
 
 Each row draws its token from one uniform number it was given, so the same uniform under
 the parent and an adapter picks the same token whenever their distributions agree
-(common random numbers). The nucleus is found among a partial top-k first: if those
-tokens already hold at least `top_p` of the mass, the nucleus lies inside them and the
-result is identical to a full sort; rows where they do not fall back to a full sort.
+(common random numbers). The nucleus is looked for among a few top tokens: if they
+already hold at least `top_p` of the mass, the nucleus lies inside them and the result is
+identical to a full sort. On a CPU those tokens are the ones above a threshold
+(`toxtests.nucleus`); elsewhere, and for rows no threshold covers, a partial top-k,
+widened for the rows that need it, and a full sort as the last resort.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def sample_probabilities(
     # finish at the first size, a few flat ones at the next, a full sort is rare.
     while pending.numel():
         full_sort = k >= vocab // 4
-        # Copy rows out only when some are done; index_select copies whole rows (advanced
-        # indexing, probs[pending], measured ~20x slower on a (128 x 262k) block).
+        # Copy rows out only when some are done; index_select copies whole rows, cheaper
+        # than advanced indexing (probs[pending]) on a (128 x 262k) block.
         rows = probs if pending.numel() == probs.shape[0] else probs.index_select(0, pending)
         if full_sort:
             top, ids = torch.sort(rows, dim=-1, descending=True)
