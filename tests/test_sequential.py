@@ -334,6 +334,19 @@ def test_looking_early_adds_no_error_to_the_ordinary_verdict(wrong: str) -> None
     assert rate(decisions, wrong) <= plain_rate + 0.1 * HALF_ALPHA
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: the paired percentile bootstrap under-covers for a rare binary "
+    "outcome (the estimated variance rises with the estimated rate): ~3.3% wrong passes "
+    "here for a nominal 2.5%, with or without early stopping; a score-type test with the "
+    "variance taken at the limit would fix it",
+)
+def test_the_ordinary_verdict_keeps_its_level_for_a_rare_binary_outcome() -> None:
+    final = simulated_excess(LIMIT, SIMULATIONS, 7)[-1][1]
+    plain = [ordinary_verdict(final[run], 0.95) for run in range(SIMULATIONS)]
+    assert plain.count("pass") / SIMULATIONS <= HALF_ALPHA
+
+
 def test_early_looks_spend_almost_nothing_on_an_adapter_at_its_limit() -> None:
     # Looks 1 and 2 hold ~1e-4 of the budget: a wrong decision there is a bug (e.g. 400
     # draws read as resolving a 4e-8 tail), not bad luck.
