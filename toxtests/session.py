@@ -525,7 +525,7 @@ class GateSession:
         confidence their unspent budget leaves (`toxtests.sequential`)."""
         if decision is None or decision.decided or decision.prompts < len(self.prompts):
             return self.config
-        return self._at_confidence(final_confidence(decision.level))
+        return self._at_confidence(self._final_look_confidence())
 
     def _final_look_confidence(self) -> float | None:
         """With early stopping, the confidence of the verdict on all prompts when no
