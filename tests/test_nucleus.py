@@ -89,3 +89,22 @@ def test_concurrent_callers_get_the_same_candidates() -> None:
     for values, ids, found in results:
         assert np.array_equal(values, expected[0]) and np.array_equal(ids, expected[1])
         assert np.array_equal(found, expected[2])
+
+
+def test_a_kernel_that_fails_here_falls_back_to_the_exact_top_k(monkeypatch) -> None:  # noqa: ANN001
+    """A kernel numba cannot compile on some machine must not stop a gate: one warning,
+    then the torch path, with the same draws."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no LLVM target for this CPU")
+
+    generator = torch.Generator().manual_seed(3)
+    probs = _rows(generator)
+    uniforms = torch.rand(probs.shape[0], generator=generator)
+    expected = sample_probabilities(probs, uniforms, top_p=0.9, use_ladder=False)
+    monkeypatch.setattr(nucleus, "_thresholds", broken)
+    monkeypatch.setattr(nucleus, "_defined", True)
+    with pytest.warns(RuntimeWarning, match="falls back to torch.topk"):
+        got = sample_probabilities(probs, uniforms, top_p=0.9)
+    assert torch.equal(got, expected)
+    assert not nucleus.available()  # not tried again

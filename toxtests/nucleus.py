@@ -19,6 +19,7 @@ handles it with its own top-k.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -149,8 +150,23 @@ def nucleus_candidates(
     probability, zero-padded; found (rows,) bool: whether the row's nucleus is inside
     them. Rows not found carry nothing and need another method.
     """
+    global _defined
     with _lock:
-        return _candidates(probs, top_p, threads)
+        try:
+            return _candidates(probs, top_p, threads)
+        except Exception as exc:  # a kernel that cannot compile here: stop using it
+            _defined = False
+            warnings.warn(
+                f"toxtests: the numba top-p kernels failed ({type(exc).__name__}: {exc}); "
+                "sampling falls back to torch.topk, exact but slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            raise NucleusUnavailable from exc
+
+
+class NucleusUnavailable(RuntimeError):
+    """The kernels cannot run here; the caller takes its own (torch) path."""
 
 
 def _candidates(

@@ -85,12 +85,18 @@ def sample_probabilities(
         return torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1).squeeze(-1)
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     pending = torch.arange(probs.shape[0], device=probs.device)
+    ladder = None
     if use_ladder and _ladder_applies(probs):
         from toxtests import nucleus
 
-        candidates, candidate_ids, found_mask = nucleus.nucleus_candidates(
-            probs.numpy(), top_p, threads=torch.get_num_threads()
-        )
+        try:
+            ladder = nucleus.nucleus_candidates(
+                probs.numpy(), top_p, threads=torch.get_num_threads()
+            )
+        except nucleus.NucleusUnavailable:
+            ladder = None  # warned once; every row takes the top-k below
+    if ladder is not None:
+        candidates, candidate_ids, found_mask = ladder
         found = torch.from_numpy(found_mask)
         found_rows = found.nonzero().squeeze(-1)
         if found_rows.numel():
