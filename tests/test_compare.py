@@ -19,7 +19,10 @@ from toxtests.compare import (
     percentile_interval,
     prompts_needed,
     resample_weights,
+    standard_error_at_limit,
+    tilted_second_moment,
     weighted_means,
+    within_at_limit,
 )
 
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
@@ -289,3 +292,98 @@ def test_decide_agrees_with_interval_and_p_value(
         assert percentile_interval(values, confidence)[1] <= limit + 1e-12
     if verdict == "inconclusive":
         assert percentile_interval(values, confidence)[1] > limit
+
+
+# -- the test at the limit ---------------------------------------------------------------
+
+
+@given(
+    below=st.floats(-5.0, -0.01),
+    above=st.floats(0.01, 5.0),
+    below_count=st.integers(1, 300),
+    above_count=st.integers(1, 300),
+)
+@settings(max_examples=60, deadline=None)
+def test_tilted_second_moment_of_two_values_is_their_product(
+    below: float, above: float, below_count: int, above_count: int
+) -> None:
+    """Two values a < 0 < b: the only distribution on them with mean 0 puts b/(b-a) on a
+    and -a/(b-a) on b, whose second moment is -a*b, whatever the observed counts."""
+    values = np.array([below] * below_count + [above] * above_count)
+    assert tilted_second_moment(values) == pytest.approx(-below * above, rel=1e-6)
+
+
+def test_tilted_second_moment_matches_a_direct_tilt() -> None:
+    """Against the tilt found here by plain bisection on the tilted mean."""
+    rng = np.random.default_rng(5)
+    values = rng.gamma(0.5, 0.2, 300) - 0.12  # skewed, mean below 0
+
+    def tilted_weights(lam: float) -> np.ndarray:
+        weights = np.exp(lam * values - (lam * values).max())
+        return weights / weights.sum()
+
+    low, high = 0.0, 60.0
+    assert tilted_weights(low) @ values < 0 < tilted_weights(high) @ values
+    for _ in range(100):
+        middle = (low + high) / 2
+        if tilted_weights(middle) @ values < 0:
+            low = middle
+        else:
+            high = middle
+    expected = float(tilted_weights(low) @ values**2)
+    assert tilted_second_moment(values) == pytest.approx(expected, rel=1e-6)
+    # The tilt moves weight towards the limit: more spread than the sample's own.
+    assert expected > float(np.mean((values - values.mean()) ** 2))
+
+
+def test_tilted_second_moment_needs_values_on_both_sides() -> None:
+    with pytest.raises(ValueError, match="both sides of 0; got values in"):
+        tilted_second_moment(np.array([-1.0, -0.5]))
+    with pytest.raises(ValueError, match="no values"):
+        tilted_second_moment(np.array([]))
+
+
+@given(st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=50), st.floats(0.1, 10.0))
+@settings(max_examples=60, deadline=None)
+def test_tilted_second_moment_scales_with_the_values(values: list[float], scale: float) -> None:
+    x = np.array(values)
+    if not (x.min() < -1e-3 and x.max() > 1e-3):
+        return  # the tilt exists only with values on both sides of the limit
+    assert tilted_second_moment(scale * x) == pytest.approx(
+        scale**2 * tilted_second_moment(x), rel=1e-6
+    )
+
+
+def test_within_at_limit_one_sided_cases() -> None:
+    assert within_at_limit(np.array([-0.05] * 10), 0.025)  # nothing beyond: pass
+    assert within_at_limit(np.zeros(10), 0.025)  # exactly on the limit counts as within
+    assert not within_at_limit(np.array([0.1] * 10), 0.025)
+    assert not within_at_limit(np.array([-1.0, 1.0, 0.5]), 0.025)  # mean above the limit
+    assert not within_at_limit(np.array([]), 0.025)
+    assert standard_error_at_limit(np.array([-0.05] * 10)) == 0.0
+
+
+def test_within_at_limit_is_the_score_test_for_a_binary_outcome() -> None:
+    """Excess values 0.95 (toxic) / -0.05 (not) against a 0.05 limit: at the limit the
+    toxic share is 0.05, so the mean's standard error there is sqrt(0.05 * 0.95 / n),
+    not the observed rate's smaller one."""
+    n = 400
+    for toxic in range(0, 21):
+        values = np.where(np.arange(n) < toxic, 0.95, -0.05)
+        z = (toxic / n - 0.05) / math.sqrt(0.05 * 0.95 / n)
+        assert within_at_limit(values, 0.025) == (z <= -Z95), toxic
+        expected_se = math.sqrt(0.05 * 0.95 / n) if toxic else 0.0
+        assert standard_error_at_limit(values) == pytest.approx(expected_se, rel=1e-6)
+
+
+def test_decide_needs_the_test_at_the_limit_to_pass() -> None:
+    """12 toxic of 400 against a 0.05 limit: the percentile interval clears the limit,
+    the spread at the limit does not (z = -1.84); 8 of 400 clears both."""
+    weights = resample_weights(400, 2000, "bootstrap", seed=1)
+    for toxic, expected in ((12, "inconclusive"), (8, "pass")):
+        values = np.where(np.arange(400) < toxic, 1.0, 0.0)
+        draws = weighted_means(values, weights)
+        assert percentile_interval(draws, 0.95)[1] <= 0.05
+        p_fail = p_exceeds(draws, 0.05)
+        assert decide(draws, 0.05, 0.95, p_fail) == "pass"
+        assert decide(draws, 0.05, 0.95, p_fail, values) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -149,6 +150,25 @@ def test_slightly_worse_adapter_on_few_prompts_is_inconclusive() -> None:
     # 20·(1.96·se/gap)^2 with se = sqrt(0.1·0.9/20) ≈ 0.0671 and gap 0.05: ≈ 138.
     assert check.prompts_needed is not None and check.prompts_needed > 20
     assert 120 <= check.prompts_needed <= 160
+
+
+def test_a_rare_outcome_passes_only_when_the_spread_at_the_limit_clears_it() -> None:
+    """12 toxic of 400 (+0.03 against a 0.05 limit): the percentile interval is within
+    the limit, but at the limit (5% toxic) the mean's standard error is
+    sqrt(0.05 * 0.95 / 400) = 0.0109, and 0.03 is only 1.84 of them below it: not a
+    pass. The prompts that would resolve it follow that spread: 400 * (1.96 * 0.0109 /
+    0.02)^2 = 454. 8 of 400 passes."""
+    shards = make_shards([("all", 400)])
+    parent = {"toxicity_rate": np.zeros(400)}
+    config = make_config({"toxicity_rate": Rule(max_increase=0.05)}, resamples=4000)
+    (rare,) = run_gate(config, shards, parent, {"toxicity_rate": binary(400, 12)})
+    assert rare.interval[1] <= 0.05
+    assert rare.verdict == "inconclusive"
+    assert rare.prompts_needed == pytest.approx(
+        400 * (1.96 * math.sqrt(0.0475 / 400) / 0.02) ** 2, abs=2
+    )
+    (rarer,) = run_gate(config, shards, parent, {"toxicity_rate": binary(400, 8)})
+    assert rarer.verdict == "pass"
 
 
 def test_inconclusive_shard_checks_count_as_pass() -> None:

@@ -255,48 +255,67 @@ HALF_ALPHA = 0.025  # confidence 0.95
 
 @cache
 def simulated_excess(
-    true_delta: float, simulations: int, seed: int
-) -> tuple[tuple[int, np.ndarray], ...]:
+    true_delta: float, simulations: int, seed: int, parent_rate: float = PARENT_RATE
+) -> tuple[tuple[int, np.ndarray, np.ndarray], ...]:
     """Paired toxicity flips over 600 prompts, looked at every 100, limit 0.05 on the delta:
     per look, (prompts seen, (simulations, resamples) bootstrap draws of the mean delta
-    minus the limit).
+    minus the limit, (simulations, prompts seen) per-prompt delta minus the limit).
 
-    Each prompt's parent continuation is toxic with probability 0.1 and the adapter's,
-    independently, with 0.1 + `true_delta`; a zero delta means an identical adapter.
+    Each prompt's parent continuation is toxic with probability `parent_rate` and the
+    adapter's, independently, with `parent_rate` + `true_delta`; a zero delta means an
+    identical adapter.
     """
     rng = np.random.default_rng(seed)
-    parent = (rng.random((simulations, TOTAL)) < PARENT_RATE).astype(np.float64)
+    parent = (rng.random((simulations, TOTAL)) < parent_rate).astype(np.float64)
     if true_delta == 0.0:
         adapter = parent
     else:
-        adapter = (rng.random((simulations, TOTAL)) < PARENT_RATE + true_delta).astype(np.float64)
+        adapter = (rng.random((simulations, TOTAL)) < parent_rate + true_delta).astype(np.float64)
     differences = adapter - parent
     excess_by_look = []
     for look in range(1, TOTAL // SHARD + 1):
         prompts = look * SHARD
         weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=100 + look)
-        excess_by_look.append((prompts, differences[:, :prompts] @ weights.T - LIMIT))
+        seen = differences[:, :prompts]
+        excess_by_look.append((prompts, seen @ weights.T - LIMIT, seen - LIMIT))
     return tuple(excess_by_look)
 
 
-def ordinary_verdict(excess: np.ndarray, confidence: float) -> str:
-    return decide(excess, 0.0, confidence, p_exceeds(excess, 0.0))
+def ordinary_verdict(
+    excess: np.ndarray, confidence: float, values: np.ndarray | None = None
+) -> str:
+    return decide(excess, 0.0, confidence, p_exceeds(excess, 0.0), values)
 
 
 @cache
-def simulate(true_delta: float, simulations: int, seed: int) -> tuple[LookDecision, ...]:
+def simulate(
+    true_delta: float,
+    simulations: int,
+    seed: int,
+    test_at_limit: bool = True,
+    parent_rate: float = PARENT_RATE,
+) -> tuple[LookDecision, ...]:
     """The whole procedure on each simulated run: the early looks, then, when none
     decides, the ordinary verdict on all prompts at the confidence they left (as the
-    session applies it), so the error rates below include that last step."""
-    excess_by_look = simulated_excess(true_delta, simulations, seed)
+    session applies it), so the error rates below include that last step.
+    `test_at_limit=False` leaves out the per-prompt values (the interval alone)."""
+    excess_by_look = simulated_excess(true_delta, simulations, seed, parent_rate)
     decisions = []
     for run in range(simulations):
+        looks = [
+            (prompts, [excess[run]], [False], [values[run]] if test_at_limit else None)
+            for prompts, excess, values in excess_by_look
+        ]
         decision = sequential_verdict(
-            [(prompts, [excess[run]], [False]) for prompts, excess in excess_by_look], TOTAL, 0.95
+            [look if test_at_limit else look[:3] for look in looks], TOTAL, 0.95
         )
         if decision.decided is None:
-            final = excess_by_look[-1][1][run]
-            verdict = ordinary_verdict(final, final_confidence(decision.level))
+            _, final, values = excess_by_look[-1]
+            verdict = ordinary_verdict(
+                final[run],
+                final_confidence(decision.level),
+                values[run] if test_at_limit else None,
+            )
             decision = dataclasses.replace(decision, decided=verdict)
         decisions.append(decision)
     return tuple(decisions)
@@ -324,27 +343,44 @@ def test_an_adapter_on_its_limit_is_wrongly_failed_at_most_half_alpha_of_the_tim
 @pytest.mark.parametrize("wrong", ["pass", "fail"])
 def test_looking_early_adds_no_error_to_the_ordinary_verdict(wrong: str) -> None:
     """On the same runs, the procedure errs no more often than the ordinary verdict on
-    all prompts at the configured confidence, plus the early looks' 10% share. (Both sit
-    near 3% for a wrong pass here, above the nominal 2.5%: the paired interval of a rare
-    binary outcome under-covers on its own, with or without early looks.)"""
+    all prompts at the configured confidence, plus the early looks' 10% share."""
     decisions = simulate(LIMIT, SIMULATIONS, 7)
-    final = simulated_excess(LIMIT, SIMULATIONS, 7)[-1][1]
-    plain = [ordinary_verdict(final[run], 0.95) for run in range(SIMULATIONS)]
+    _, final, values = simulated_excess(LIMIT, SIMULATIONS, 7)[-1]
+    plain = [ordinary_verdict(final[run], 0.95, values[run]) for run in range(SIMULATIONS)]
     plain_rate = plain.count(wrong) / SIMULATIONS
     assert rate(decisions, wrong) <= plain_rate + 0.1 * HALF_ALPHA
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the paired percentile bootstrap under-covers for a rare binary "
-    "outcome (the estimated variance rises with the estimated rate): ~3.3% wrong passes "
-    "here for a nominal 2.5%, with or without early stopping; a score-type test with the "
-    "variance taken at the limit would fix it",
-)
+BINARY_SIMULATIONS = 4000
+RARE_RATE = 0.02
+
+
 def test_the_ordinary_verdict_keeps_its_level_for_a_rare_binary_outcome() -> None:
-    final = simulated_excess(LIMIT, SIMULATIONS, 7)[-1][1]
-    plain = [ordinary_verdict(final[run], 0.95) for run in range(SIMULATIONS)]
-    assert plain.count("pass") / SIMULATIONS <= HALF_ALPHA
+    """The paired percentile interval alone under-covers for a rare binary outcome (its
+    spread shrinks with the observed rate): a parent toxic 2% of the time and an adapter
+    exactly on a +0.05 limit pass ~3.5% of the time for a nominal 2.5% (measured over
+    2 x 10,000 runs). With the test at the limit (`compare.within_at_limit`) the rate is
+    back within Monte Carlo error of 2.5% (2.4-2.6% over the same runs; two standard
+    errors here), early looks or not."""
+    _, final, values = simulated_excess(LIMIT, BINARY_SIMULATIONS, 17, RARE_RATE)[-1]
+    runs = range(BINARY_SIMULATIONS)
+    interval_only = [ordinary_verdict(final[run], 0.95) for run in runs]
+    with_test = [ordinary_verdict(final[run], 0.95, values[run]) for run in runs]
+    margin = 2 * math.sqrt(HALF_ALPHA * (1 - HALF_ALPHA) / BINARY_SIMULATIONS)
+    assert interval_only.count("pass") / BINARY_SIMULATIONS > HALF_ALPHA + margin
+    assert with_test.count("pass") / BINARY_SIMULATIONS <= HALF_ALPHA + margin
+    sequential = simulate(LIMIT, BINARY_SIMULATIONS, 17, parent_rate=RARE_RATE)
+    assert rate(sequential, "pass") <= HALF_ALPHA + margin
+
+
+def test_the_test_at_the_limit_costs_little_power() -> None:
+    """An adapter a fifth of the way to its limit (delta 0.01 against 0.05, independent
+    flips) passes about as often as with the interval alone (measured: 62% against 65%;
+    part of the interval's extra passes are the wrong ones it makes at the limit)."""
+    with_test = rate(simulate(0.01, SIMULATIONS, 19), "pass")
+    interval_only = rate(simulate(0.01, SIMULATIONS, 19, test_at_limit=False), "pass")
+    assert interval_only - 0.05 <= with_test <= interval_only
+    assert with_test >= 0.5
 
 
 def test_early_looks_spend_almost_nothing_on_an_adapter_at_its_limit() -> None:

@@ -17,6 +17,9 @@ import numpy as np
 
 METHODS = ("bootstrap", "bayesian")
 
+# A value exactly on the limit counts as within it (see `p_exceeds`).
+_TIE = 1e-12
+
 
 def resample_weights(n: int, resamples: int, method: str, seed: int) -> np.ndarray:
     """Weights of shape (resamples, n), each row summing to 1.
@@ -82,20 +85,102 @@ def adjust(p_values: Sequence[float], correction: str) -> list[float]:
 
 
 def prompts_needed(
-    n: int, draws: np.ndarray, estimate: float, limit: float, confidence: float
+    n: int,
+    draws: np.ndarray,
+    estimate: float,
+    limit: float,
+    confidence: float,
+    se_at_limit: float = 0.0,
 ) -> int | None:
     """Prompts needed for the interval to clear the limit, if the effect stays as seen.
 
     The standard error shrinks like 1/sqrt(n), so the interval's half-width reaches the
-    gap between the estimate and the limit at n · (z·se / gap)². None when the estimate
-    sits on the limit (no finite sample resolves it).
+    gap between the estimate and the limit at n · (z·se / gap)², with se the larger of
+    the draws' spread and `se_at_limit` (the spread a pass must also beat). None when
+    the estimate sits on the limit (no finite sample resolves it).
     """
     gap = abs(limit - estimate)
     if gap < 1e-12:
         return None
-    se = float(np.std(draws))
+    se = max(float(np.std(draws)), se_at_limit)
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     return max(n + 1, math.ceil(n * (z * se / gap) ** 2))
+
+
+def tilted_second_moment(values: np.ndarray) -> float:
+    """E[x²] under the exponential tilt of the values' empirical distribution whose mean
+    is 0 (weights ∝ exp(λ·x)): the spread the mean would have if it sat on the limit.
+
+    Needs values on both sides of 0 (the tilt does not exist otherwise); the caller
+    handles the one-sided cases.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0 or float(x.min()) >= 0.0 or float(x.max()) <= 0.0:
+        raise ValueError(
+            "the tilt to mean 0 needs values on both sides of 0; got "
+            + (f"values in [{x.min():.3g}, {x.max():.3g}]" if x.size else "no values")
+        )
+
+    def tilted(lam: float) -> tuple[float, float]:
+        logits = lam * x
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        return float(weights @ x), float(weights @ (x * x))
+
+    # The tilted mean rises with λ (its derivative is the tilted variance): bracket the
+    # root, then bisect; 200 halvings reach float precision from any bracket.
+    mean, second = tilted(0.0)
+    if abs(mean) <= _TIE:
+        return second  # already on the limit
+    if mean < 0:
+        low, high = 0.0, 1.0
+        while tilted(high)[0] < 0:
+            low, high = high, 2.0 * high
+    else:
+        low, high = -1.0, 0.0
+        while tilted(low)[0] > 0:
+            low, high = 2.0 * low, low
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if tilted(middle)[0] < 0:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 * max(1.0, abs(high)):
+            break
+    return tilted(0.5 * (low + high))[1]
+
+
+def within_at_limit(excess: np.ndarray, level: float) -> bool:
+    """One-sided test that the mean of per-prompt `excess` values (statistic − limit,
+    > 0 beyond the limit) is below 0, at `level`, with the variance taken at the limit.
+
+    Why: for a rare binary outcome, or any skewed one, the percentile bootstrap's upper
+    bound is too low exactly when the observed rate is low (the spread shrinks with the
+    rate), so an adapter sitting on its limit passes ~3.3% of the time for a nominal
+    2.5%. Estimating the spread under the hypothesis being rejected (the empirical
+    distribution exponentially tilted to put its mean on the limit, as a score test
+    does) removes that bias; a pass needs this test as well as the interval.
+    """
+    x = np.asarray(excess, dtype=np.float64).ravel()
+    if x.size == 0:
+        return False
+    if float(x.max()) <= _TIE:
+        return True  # no prompt is beyond the limit: no reweighting of them can be
+    mean = float(x.mean())
+    if mean >= -_TIE:
+        return False
+    spread = math.sqrt(tilted_second_moment(x) / x.size)
+    return mean <= NormalDist().inv_cdf(level) * spread
+
+
+def standard_error_at_limit(excess: np.ndarray) -> float:
+    """The mean's standard error if it sat on the limit (see `within_at_limit`); 0 when
+    no reweighting of the values reaches it."""
+    x = np.asarray(excess, dtype=np.float64).ravel()
+    if x.size == 0 or float(x.max()) <= _TIE or float(x.min()) >= -_TIE:
+        return 0.0
+    return math.sqrt(tilted_second_moment(x) / x.size)
 
 
 @dataclass(frozen=True)
@@ -105,9 +190,17 @@ class Decision:
     p_fail: float
 
 
-def decide(draws: np.ndarray, limit: float, confidence: float, p_fail_adjusted: float) -> str:
-    """Pass when the whole interval is within the limit; fail when the adjusted one-sided
-    p-value says the statistic is above it; otherwise inconclusive.
+def decide(
+    draws: np.ndarray,
+    limit: float,
+    confidence: float,
+    p_fail_adjusted: float,
+    values: np.ndarray | None = None,
+) -> str:
+    """Pass when the whole interval is within the limit (and, given the per-prompt
+    `values` of the statistic, the test with the variance at the limit agrees:
+    `within_at_limit`); fail when the adjusted one-sided p-value says the statistic is
+    above it; otherwise inconclusive.
 
     Passing needs every check to pass (an intersection–union test), so it needs no
     correction; failing on any of many checks does, hence the adjusted p-value.
@@ -116,6 +209,8 @@ def decide(draws: np.ndarray, limit: float, confidence: float, p_fail_adjusted: 
     if p_fail_adjusted < alpha / 2:
         return "fail"
     _, high = percentile_interval(draws, confidence)
-    if high <= limit + 1e-12:
+    if high <= limit + _TIE and (
+        values is None or within_at_limit(np.asarray(values, dtype=np.float64) - limit, alpha / 2)
+    ):
         return "pass"
     return "inconclusive"

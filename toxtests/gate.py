@@ -23,6 +23,7 @@ from toxtests.compare import (
     percentile_interval,
     prompts_needed,
     resample_weights,
+    standard_error_at_limit,
     weighted_means,
 )
 from toxtests.config import Config
@@ -166,6 +167,15 @@ def excess_draws(
     ]
 
 
+def excess_values(specs: Sequence[CheckSpec], paired: PairedMetrics) -> list[np.ndarray]:
+    """Per check, each prompt's own (statistic - limit): what a pass is tested on."""
+    values = []
+    for spec in specs:
+        parent, adapter = paired.select(spec.metric, spec.members)
+        values.append(_excess(spec.rule, spec.limit, parent, adapter))
+    return values
+
+
 def restrict(specs: Sequence[CheckSpec], available: set[str]) -> list[CheckSpec]:
     """The checks on the prompts available: generated so far, with text on both sides."""
     kept = []
@@ -196,24 +206,32 @@ def evaluate_checks(
         excess = _excess(spec.rule, spec.limit, parent_draws, adapter_draws)
         shown = adapter_draws if spec.rule == "max" else adapter_draws - parent_draws
         point = (float(parent.mean()), float(adapter.mean()))
-        measured.append((spec, float(np.mean(excess <= 1e-12)), excess, shown, point))
+        per_prompt = _excess(spec.rule, spec.limit, parent, adapter)
+        measured.append((spec, float(np.mean(excess <= 1e-12)), excess, shown, point, per_prompt))
     p_values = [entry[1] for entry in measured]
     if family_size is not None:
         adjusted = [min(1.0, p * family_size) for p in p_values]
     else:
         adjusted = adjust(p_values, stats.correction)
     results = []
-    for (spec, p_fail, excess, shown, (parent_mean, adapter_mean)), p_adj in zip(
+    for (spec, p_fail, excess, shown, (parent_mean, adapter_mean), per_prompt), p_adj in zip(
         measured, adjusted, strict=True
     ):
-        verdict = decide(excess, 0.0, stats.confidence, p_adj)
+        verdict = decide(excess, 0.0, stats.confidence, p_adj, per_prompt)
         if spec.fail_only and verdict == "inconclusive":
             verdict = "pass"
         point_excess = float(
             _excess(spec.rule, spec.limit, np.array(parent_mean), np.array(adapter_mean))
         )
         needed = (
-            prompts_needed(len(spec.members), excess, point_excess, 0.0, stats.confidence)
+            prompts_needed(
+                len(spec.members),
+                excess,
+                point_excess,
+                0.0,
+                stats.confidence,
+                standard_error_at_limit(per_prompt),
+            )
             if verdict == "inconclusive"
             else None
         )

@@ -31,6 +31,7 @@ from toxtests.gate import (
     adapter_verdict,
     evaluate_checks,
     excess_draws,
+    excess_values,
     metric_table,
     plan_checks,
     restrict,
@@ -410,7 +411,7 @@ class GateSession:
         """
         if adapter_index in self._decisions and max_looks is None:
             return self._decisions[adapter_index]
-        looks: list[tuple[int, list[np.ndarray], list[bool]]] = []
+        looks: list[tuple[int, list[np.ndarray], list[bool], list[np.ndarray]]] = []
         seen: list[Shard] = []
         decision: LookDecision | None = None
         for shard in self.shards[: max_looks if max_looks is not None else len(self.shards)]:
@@ -424,6 +425,7 @@ class GateSession:
                     len(available),
                     excess_draws(specs, paired, self.config),
                     [c.fail_only for c in specs],
+                    excess_values(specs, paired),
                 )
             )
             decision = sequential_verdict(
