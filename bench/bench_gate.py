@@ -67,6 +67,19 @@ def flops_per_token(model) -> float:  # noqa: ANN001
     return 2.0 * (params + (output if getattr(config, "tie_word_embeddings", False) else 0))
 
 
+def workload_flops_per_token(
+    per_token: float, head: float, prompt_tokens: int, generated: int, rows: int
+) -> float:
+    """FLOPs per generated token counting the prompts too: every prompt token and every
+    generated token but each row's last goes through the decoder, and every generated
+    token through the output projection (the prompt positions before the last need no
+    logits). `per_token` (`flops_per_token`) counts the generated tokens alone; `head`
+    is its output projection's share."""
+    decoder = per_token - head
+    total = (prompt_tokens + generated - rows) * decoder + generated * head
+    return total / generated
+
+
 def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, scorer) -> dict:  # noqa: ANN001
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,6 +187,10 @@ def main() -> None:
     gflops = max(libraries.values())
     per_token = flops_per_token(loaded.model)
     ceiling = gflops * 1e9 / per_token
+    head_flops = 2.0 * config.vocab_size * config.hidden_size
+    encoded = loaded.tokenizer([p.text for p in prompts])["input_ids"]
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    print(f"prompt tokens: {prompt_tokens} ({prompt_tokens / len(prompts):.1f} per prompt)")
     print(
         f"ceiling: {gflops:.0f} GFLOP/s measured (best of "
         + ", ".join(f"{name} {value:.0f}" for name, value in libraries.items())
@@ -248,6 +265,19 @@ def main() -> None:
         f"toxtests generation: {toxtests_rate:.1f} tokens/s = "
         f"{toxtests_rate / ceiling:.0%} of the ceiling"
     )
+    # The first gate generates every prompt twice (parent and adapter).
+    generations = 2 * len(prompts)
+    workload = workload_flops_per_token(
+        per_token, head_flops, 2 * prompt_tokens, first["tokens"], generations
+    )
+    workload_ceiling = gflops * 1e9 / workload
+    print(
+        f"workload ceiling, the prompts' tokens counted too: {gflops:.0f} GFLOP/s / "
+        f"{workload / 1e9:.3f} GFLOP per generated token = {workload_ceiling:.0f} tokens/s; "
+        f"toxtests at {toxtests_rate / workload_ceiling:.0%} of it"
+    )
+    figures["workload_ceiling_tokens_per_s"] = workload_ceiling
+    figures["prompt_tokens"] = prompt_tokens
     if "baseline" in figures:
         speedup = toxtests_rate / figures["baseline"]["tokens_per_s"]
         print(f"speed-up over the baseline: {speedup:.1f}x")
