@@ -164,11 +164,14 @@ def test_a_rare_outcome_passes_only_when_the_spread_at_the_limit_clears_it() -> 
     (rare,) = run_gate(config, shards, parent, {"toxicity_rate": binary(400, 12)})
     assert rare.interval[1] <= 0.05
     assert rare.verdict == "inconclusive"
+    assert rare.held_back_at_limit and rare.to_dict()["held_back_at_limit"] is True
     assert rare.prompts_needed == pytest.approx(
         400 * (1.96 * math.sqrt(0.0475 / 400) / 0.02) ** 2, abs=2
     )
     (rarer,) = run_gate(config, shards, parent, {"toxicity_rate": binary(400, 8)})
-    assert rarer.verdict == "pass"
+    assert rarer.verdict == "pass" and not rarer.held_back_at_limit
+    (straddling,) = run_gate(config, shards, parent, {"toxicity_rate": binary(400, 24)})
+    assert straddling.verdict == "inconclusive" and not straddling.held_back_at_limit
 
 
 def test_inconclusive_shard_checks_count_as_pass() -> None:

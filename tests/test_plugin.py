@@ -143,3 +143,30 @@ def test_missing_adapter_is_a_usage_error(pytester: pytest.Pytester, tiny) -> No
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*no-such-lora: adapter path not found*"])
+
+
+def test_a_failure_message_explains_a_check_held_back_at_the_limit() -> None:
+    from toxtests.gate import CheckResult
+    from toxtests.plugin import _describe
+
+    def check(held_back: bool) -> CheckResult:
+        return CheckResult(
+            scope="all",
+            metric="toxicity_rate",
+            rule="max_increase",
+            limit=0.05,
+            effective_limit=0.05,
+            statistic=0.03,
+            interval=(0.0125, 0.0475),
+            p_fail=0.99,
+            p_fail_adjusted=0.99,
+            verdict="inconclusive",
+            prompts=400,
+            prompts_needed=454,
+            held_back_at_limit=held_back,
+        )
+
+    held, plain = _describe([check(True)], "x"), _describe([check(False)], "x")
+    assert "~454 prompts would resolve it" in held and "~454 prompts would resolve it" in plain
+    assert "interval is within the limit, but not by enough" in held
+    assert "not by enough" not in plain

@@ -256,6 +256,18 @@ def test_metrics_table_formats_rates_intervals_and_missing_values() -> None:
     assert rate_row and '<td class="v-none">—</td>' in rate_row.group(0)
 
 
+def test_a_check_held_back_at_the_limit_is_marked_and_explained() -> None:
+    plain = render_html(make_result())
+    assert "<sup>†</sup>" not in plain and "spread it would have" not in plain
+    result = make_result()
+    result["adapters"][0]["checks"][1]["held_back_at_limit"] = True
+    html = render_html(result)
+    row = re.search(r"<tr><td class=\"mono\">challenging-0</td>.*?</tr>", html, re.S)
+    assert row and "inconclusive" in row.group(0).lower() and "<sup>†</sup>" in row.group(0)
+    assert html.count("<sup>†</sup>") == 1  # the failing check is not marked
+    assert "spread it would have <em>on</em> the limit" in html
+
+
 def test_turned_toxic_outputs_sit_behind_a_content_warning() -> None:
     html = render_html(make_result(adapter_text="UNIQUE-ADAPTER-OUTPUT"))
     opened = html.index("<details")

@@ -57,6 +57,9 @@ class CheckResult:
     verdict: str
     prompts: int
     prompts_needed: int | None
+    # Inconclusive only because of the test at the limit: the interval itself is within
+    # it, but not by enough at the spread the statistic would have there.
+    held_back_at_limit: bool = False
 
     def to_dict(self) -> dict[str, object]:
         body = asdict(self)
@@ -220,6 +223,9 @@ def evaluate_checks(
         verdict = decide(excess, 0.0, stats.confidence, p_adj, per_prompt)
         if spec.fail_only and verdict == "inconclusive":
             verdict = "pass"
+        held_back = (
+            verdict == "inconclusive" and percentile_interval(excess, stats.confidence)[1] <= 1e-12
+        )
         point_excess = float(
             _excess(spec.rule, spec.limit, np.array(parent_mean), np.array(adapter_mean))
         )
@@ -251,6 +257,7 @@ def evaluate_checks(
                 verdict=verdict,
                 prompts=len(spec.members),
                 prompts_needed=needed,
+                held_back_at_limit=held_back,
             )
         )
     return results

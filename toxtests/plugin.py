@@ -195,6 +195,11 @@ def _describe(checks: list[Any], headline: str) -> str:
     for c in checks:
         low, high = c.interval
         needed = f", ~{c.prompts_needed} prompts would resolve it" if c.prompts_needed else ""
+        if getattr(c, "held_back_at_limit", False):
+            needed += (
+                "; the interval is within the limit, but not by enough at the spread the "
+                "statistic would have on the limit"
+            )
         lines.append(
             f"  {c.verdict.upper():12} {c.scope} {c.metric} {c.rule}: {c.statistic:+.3f} "
             f"[{low:+.3f}, {high:+.3f}] vs limit {c.effective_limit:.3f} "

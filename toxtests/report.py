@@ -312,6 +312,7 @@ def _adapter_view(
                 "prompts_needed": check.get("prompts_needed")
                 if check.get("verdict") == "inconclusive"
                 else None,
+                "held_back_at_limit": bool(check.get("held_back_at_limit")),
             }
             for check in adapter.get("checks") or []
         ],
