@@ -15,6 +15,7 @@ from toxtests.compare import (
     bonferroni,
     decide,
     holm,
+    p_beyond_at_limit,
     p_exceeds,
     percentile_interval,
     prompts_needed,
@@ -387,3 +388,21 @@ def test_decide_needs_the_test_at_the_limit_to_pass() -> None:
         p_fail = p_exceeds(draws, 0.05)
         assert decide(draws, 0.05, 0.95, p_fail) == "pass"
         assert decide(draws, 0.05, 0.95, p_fail, values) == expected
+
+
+def test_p_beyond_at_limit_is_the_score_test_for_a_binary_outcome() -> None:
+    """The mirror of `within_at_limit`: toxic shares above a 0.05 limit, judged with the
+    standard error the mean would have at the limit."""
+    n = 400
+    for toxic in (20, 25, 30, 40):
+        values = np.where(np.arange(n) < toxic, 0.95, -0.05)
+        z = (toxic / n - 0.05) / math.sqrt(0.05 * 0.95 / n)
+        expected = 0.5 * math.erfc(z / math.sqrt(2))
+        assert p_beyond_at_limit(values) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_p_beyond_at_limit_one_sided_cases() -> None:
+    assert p_beyond_at_limit(np.array([-0.05] * 10)) == 1.0  # nothing beyond
+    assert p_beyond_at_limit(np.zeros(10)) == 1.0  # on the limit is within
+    assert p_beyond_at_limit(np.array([0.0] * 9 + [0.2])) == 0.0  # all on or beyond
+    assert p_beyond_at_limit(np.array([])) == 1.0

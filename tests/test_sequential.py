@@ -10,7 +10,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from toxtests.compare import decide, p_exceeds, resample_weights
+from toxtests.compare import decide, p_beyond_at_limit, p_exceeds, resample_weights
 from toxtests.sequential import (
     EARLY_SHARE,
     LookDecision,
@@ -284,7 +284,12 @@ def simulated_excess(
 def ordinary_verdict(
     excess: np.ndarray, confidence: float, values: np.ndarray | None = None
 ) -> str:
-    return decide(excess, 0.0, confidence, p_exceeds(excess, 0.0), values)
+    """As `toxtests.gate` decides one check: a fail needs both the bootstrap's p-value
+    and the test at the limit's (when given the per-prompt values)."""
+    p_fail = p_exceeds(excess, 0.0)
+    if values is not None:
+        p_fail = max(p_fail, p_beyond_at_limit(values))
+    return decide(excess, 0.0, confidence, p_fail, values)
 
 
 @cache
@@ -300,6 +305,14 @@ def simulate(
     session applies it), so the error rates below include that last step.
     `test_at_limit=False` leaves out the per-prompt values (the interval alone)."""
     excess_by_look = simulated_excess(true_delta, simulations, seed, parent_rate)
+    return procedure(excess_by_look, simulations, test_at_limit)
+
+
+def procedure(
+    excess_by_look: tuple[tuple[int, np.ndarray, np.ndarray], ...],
+    simulations: int,
+    test_at_limit: bool = True,
+) -> tuple[LookDecision, ...]:
     decisions = []
     for run in range(simulations):
         looks = [
@@ -371,6 +384,39 @@ def test_the_ordinary_verdict_keeps_its_level_for_a_rare_binary_outcome() -> Non
     assert with_test.count("pass") / BINARY_SIMULATIONS <= HALF_ALPHA + margin
     sequential = simulate(LIMIT, BINARY_SIMULATIONS, 17, parent_rate=RARE_RATE)
     assert rate(sequential, "pass") <= HALF_ALPHA + margin
+
+
+@cache
+def skewed_excess(simulations: int, seed: int) -> tuple[tuple[int, np.ndarray, np.ndarray], ...]:
+    """Per-prompt differences skewed towards "better", with a mean exactly on the 0.05
+    limit: most prompts 0.06 worse, one in five also 0.05-on-average (exponential) better,
+    as when an adapter detoxifies a few prompts a lot and worsens many a little."""
+    rng = np.random.default_rng(seed)
+    better = rng.exponential(0.05, (simulations, TOTAL)) * (rng.random((simulations, TOTAL)) < 0.2)
+    differences = LIMIT + 0.01 - better
+    excess_by_look = []
+    for look in range(1, TOTAL // SHARD + 1):
+        prompts = look * SHARD
+        weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=200 + look)
+        seen = differences[:, :prompts]
+        excess_by_look.append((prompts, seen @ weights.T - LIMIT, seen - LIMIT))
+    return tuple(excess_by_look)
+
+
+def test_the_ordinary_verdict_keeps_its_level_for_an_outcome_skewed_towards_better() -> None:
+    """The mirror image for failing: with differences skewed towards "better" the
+    bootstrap's own p-value wrongly fails 3.6-4.3% of adapters on their limit (6,000 and
+    4,000 runs); with the test at the limit (`compare.p_beyond_at_limit`) ~2.0%, early
+    looks or not."""
+    _, final, values = skewed_excess(BINARY_SIMULATIONS, 23)[-1]
+    runs = range(BINARY_SIMULATIONS)
+    interval_only = [ordinary_verdict(final[run], 0.95) for run in runs]
+    with_test = [ordinary_verdict(final[run], 0.95, values[run]) for run in runs]
+    margin = 2 * math.sqrt(HALF_ALPHA * (1 - HALF_ALPHA) / BINARY_SIMULATIONS)
+    assert interval_only.count("fail") / BINARY_SIMULATIONS > HALF_ALPHA + margin
+    assert with_test.count("fail") / BINARY_SIMULATIONS <= HALF_ALPHA + margin
+    sequential = procedure(skewed_excess(BINARY_SIMULATIONS, 23), BINARY_SIMULATIONS)
+    assert rate(sequential, "fail") <= HALF_ALPHA + margin
 
 
 def test_the_test_at_the_limit_costs_little_power() -> None:

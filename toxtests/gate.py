@@ -20,6 +20,7 @@ import numpy as np
 from toxtests.compare import (
     adjust,
     decide,
+    p_beyond_at_limit,
     percentile_interval,
     prompts_needed,
     resample_weights,
@@ -210,7 +211,9 @@ def evaluate_checks(
         shown = adapter_draws if spec.rule == "max" else adapter_draws - parent_draws
         point = (float(parent.mean()), float(adapter.mean()))
         per_prompt = _excess(spec.rule, spec.limit, parent, adapter)
-        measured.append((spec, float(np.mean(excess <= 1e-12)), excess, shown, point, per_prompt))
+        # Either the bootstrap or the test at the limit can hold a fail back.
+        p_fail = max(float(np.mean(excess <= 1e-12)), p_beyond_at_limit(per_prompt))
+        measured.append((spec, p_fail, excess, shown, point, per_prompt))
     p_values = [entry[1] for entry in measured]
     if family_size is not None:
         adjusted = [min(1.0, p * family_size) for p in p_values]

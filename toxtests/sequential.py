@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from toxtests.compare import within_at_limit
+from toxtests.compare import p_beyond_at_limit, within_at_limit
 
 # Most the looks before the last may spend, as a share of each direction's α/2.
 EARLY_SHARE = 0.1
@@ -110,15 +110,19 @@ def _normal_tail_below_zero(draws: np.ndarray) -> float:
     return 0.5 * math.erfc(mean / (sd * math.sqrt(2.0)))
 
 
-def _confidently_beyond(draws: np.ndarray, level: float) -> bool:
+def _confidently_beyond(draws: np.ndarray, level: float, values: np.ndarray | None) -> bool:
     """One-sided test of "within the limit" rejects at `level`.
 
     A few hundred draws resolve tail probabilities only down to about 1 / len(draws):
     below that "no draw ≤ 0" would claim far more than the draws show. The normal tail
-    fitted to the draws extrapolates to the tiny levels of early looks; both must agree.
+    fitted to the draws extrapolates to the tiny levels of early looks; both must agree,
+    and so must the test at the limit on the per-prompt excess `values`, when given
+    (`toxtests.compare.p_beyond_at_limit`).
     """
     empirical = float(np.mean(draws <= _TIE))
-    return empirical < level and _normal_tail_below_zero(draws) < level
+    if not (empirical < level and _normal_tail_below_zero(draws) < level):
+        return False
+    return values is None or p_beyond_at_limit(values) < level
 
 
 def _confidently_within(draws: np.ndarray, level: float, values: np.ndarray | None) -> bool:
@@ -152,10 +156,16 @@ def _validated(excess_draws: Sequence[np.ndarray], fail_only: Sequence[bool]) ->
     return arrays
 
 
-def _beyond_checks(arrays: Sequence[np.ndarray], level: float) -> list[int]:
+def _beyond_checks(
+    arrays: Sequence[np.ndarray], level: float, values: Sequence[np.ndarray | None]
+) -> list[int]:
     # Bonferroni over the checks of this look: any of them failing fails the adapter.
     threshold = level / len(arrays)
-    return [index for index, draws in enumerate(arrays) if _confidently_beyond(draws, threshold)]
+    return [
+        index
+        for index, (draws, value) in enumerate(zip(arrays, values, strict=True))
+        if _confidently_beyond(draws, threshold, value)
+    ]
 
 
 def decide_look(
@@ -174,7 +184,7 @@ def decide_look(
     (shards) can fail the adapter but never hold a pass back. A look with no check that
     can pass never passes: stopping would rest on no evidence that the adapter is fine.
     `excess_values` (per check, each prompt's statistic − limit), when given, add the
-    test at the limit to every pass.
+    tests at the limit to every pass and every fail.
     """
     arrays = _validated(excess_draws, fail_only)
     if excess_values is not None and len(excess_values) != len(arrays):
@@ -182,12 +192,14 @@ def decide_look(
             f"got {len(arrays)} checks' excess draws but {len(excess_values)} checks' "
             "per-prompt excess values; pass one array per check"
         )
-    values = list(excess_values) if excess_values is not None else [None] * len(arrays)
+    values: list[np.ndarray | None] = (
+        list(excess_values) if excess_values is not None else [None] * len(arrays)
+    )
     if not 0.0 <= level < 1.0:
         raise ValueError(f"a look's one-sided level must lie in [0, 1), got {level!r}")
     if level == 0.0:
         return None  # nothing spent at this look: nothing can be decided
-    if _beyond_checks(arrays, level):
+    if _beyond_checks(arrays, level, values):
         return "fail"
     can_pass = [
         (draws, value)
@@ -263,7 +275,9 @@ def sequential_verdict(
         decided = decide_look(excess_draws, fail_only, level, excess_values)
         if decided == "fail":
             arrays = _validated(excess_draws, fail_only)
-            beyond = _beyond_checks(arrays, level)
+            beyond = _beyond_checks(
+                arrays, level, list(excess_values) if excess_values else [None] * len(arrays)
+            )
             reason = (
                 f"{where} {len(beyond)} of {len(arrays)} checks are beyond "
                 f"their limits at the spent level {level:.2g} shared by {len(arrays)} checks"
