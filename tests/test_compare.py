@@ -406,3 +406,21 @@ def test_p_beyond_at_limit_one_sided_cases() -> None:
     assert p_beyond_at_limit(np.zeros(10)) == 1.0  # on the limit is within
     assert p_beyond_at_limit(np.array([0.0] * 9 + [0.2])) == 0.0  # all on or beyond
     assert p_beyond_at_limit(np.array([])) == 1.0
+
+
+@given(st.lists(st.floats(-2.0, 2.0), min_size=1, max_size=80), st.floats(1e-9, 0.2))
+@settings(max_examples=150, deadline=None)
+def test_the_tests_at_the_limit_are_total_and_consistent(values: list[float], level: float) -> None:
+    """Any excess values a scorer can produce (scores in [0, 1]) give a verdict: no error,
+    a p-value in [0, 1], and never both "within" and "beyond" at the same level."""
+    x = np.array(values)
+    within = within_at_limit(x, level)
+    p_beyond = p_beyond_at_limit(x)
+    assert 0.0 <= p_beyond <= 1.0
+    assert not (within and p_beyond < level)
+    if x.mean() > 1e-9:  # (values within 1e-12 of the limit count as on it)
+        assert not within
+    if x.min() > 1e-9:
+        assert p_beyond == 0.0
+    if x.max() <= 0:
+        assert within and p_beyond == 1.0
