@@ -271,11 +271,19 @@ def simulated_excess(
         adapter = parent
     else:
         adapter = (rng.random((simulations, TOTAL)) < parent_rate + true_delta).astype(np.float64)
-    differences = adapter - parent
+    return looks_of(adapter - parent, weight_seed=100)
+
+
+def looks_of(
+    differences: np.ndarray, weight_seed: int
+) -> tuple[tuple[int, np.ndarray, np.ndarray], ...]:
+    """Per look at every `SHARD` prompts: (prompts seen, bootstrap draws of the mean
+    difference minus the limit, per-prompt differences minus the limit), for each run
+    (row) of `differences`."""
     excess_by_look = []
     for look in range(1, TOTAL // SHARD + 1):
         prompts = look * SHARD
-        weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=100 + look)
+        weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=weight_seed + look)
         seen = differences[:, :prompts]
         excess_by_look.append((prompts, seen @ weights.T - LIMIT, seen - LIMIT))
     return tuple(excess_by_look)
@@ -393,14 +401,7 @@ def skewed_excess(simulations: int, seed: int) -> tuple[tuple[int, np.ndarray, n
     as when an adapter detoxifies a few prompts a lot and worsens many a little."""
     rng = np.random.default_rng(seed)
     better = rng.exponential(0.05, (simulations, TOTAL)) * (rng.random((simulations, TOTAL)) < 0.2)
-    differences = LIMIT + 0.01 - better
-    excess_by_look = []
-    for look in range(1, TOTAL // SHARD + 1):
-        prompts = look * SHARD
-        weights = resample_weights(prompts, RESAMPLES, "bootstrap", seed=200 + look)
-        seen = differences[:, :prompts]
-        excess_by_look.append((prompts, seen @ weights.T - LIMIT, seen - LIMIT))
-    return tuple(excess_by_look)
+    return looks_of(LIMIT + 0.01 - better, weight_seed=200)
 
 
 def test_the_ordinary_verdict_keeps_its_level_for_an_outcome_skewed_towards_better() -> None:
