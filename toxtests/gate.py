@@ -172,7 +172,8 @@ def excess_draws(
 
 
 def excess_values(specs: Sequence[CheckSpec], paired: PairedMetrics) -> list[np.ndarray]:
-    """Per check, each prompt's own (statistic - limit): what a pass is tested on."""
+    """Per check, each prompt's own (statistic - limit): what the tests at the limit
+    (`toxtests.compare.within_at_limit`, `p_beyond_at_limit`) are run on."""
     values = []
     for spec in specs:
         parent, adapter = paired.select(spec.metric, spec.members)
@@ -202,15 +203,14 @@ def evaluate_checks(
     """Evaluate checks; `family_size` forces Bonferroni over a known family (shard tests)."""
     stats = config.statistics
     measured = []
-    for spec, (parent_draws, adapter_draws) in zip(
-        specs, _draws(specs, paired, config), strict=True
+    for spec, (parent_draws, adapter_draws), per_prompt in zip(
+        specs, _draws(specs, paired, config), excess_values(specs, paired), strict=True
     ):
         parent, adapter = paired.select(spec.metric, spec.members)
         # `excess` > 0 means beyond the limit; every rule reduces to that comparison.
         excess = _excess(spec.rule, spec.limit, parent_draws, adapter_draws)
         shown = adapter_draws if spec.rule == "max" else adapter_draws - parent_draws
         point = (float(parent.mean()), float(adapter.mean()))
-        per_prompt = _excess(spec.rule, spec.limit, parent, adapter)
         # Either the bootstrap or the test at the limit can hold a fail back.
         p_fail = max(float(np.mean(excess <= 1e-12)), p_beyond_at_limit(per_prompt))
         measured.append((spec, p_fail, excess, shown, point, per_prompt))

@@ -22,7 +22,8 @@ of it, and keeping 90% for the last look costs the ordinary verdict little power
 
 Pure numpy, like `toxtests.compare`: the inputs are the resampled excess draws
 (statistic − limit, > 0 means beyond the limit) that `toxtests.gate` computes, and the
-per-prompt excess values a pass is also tested on (`toxtests.compare.within_at_limit`).
+per-prompt excess values passes and fails are also tested on at the limit
+(`toxtests.compare.within_at_limit`, `p_beyond_at_limit`).
 """
 
 from __future__ import annotations
