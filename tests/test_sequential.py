@@ -374,6 +374,20 @@ def test_looking_early_adds_no_error_to_the_ordinary_verdict(wrong: str) -> None
 
 BINARY_SIMULATIONS = 4000
 RARE_RATE = 0.02
+# Two Monte Carlo standard errors of a rate of HALF_ALPHA over BINARY_SIMULATIONS runs.
+MARGIN = 2 * math.sqrt(HALF_ALPHA * (1 - HALF_ALPHA) / BINARY_SIMULATIONS)
+
+
+def final_look_rates(
+    excess_by_look: tuple[tuple[int, np.ndarray, np.ndarray], ...], wrong: str
+) -> tuple[float, float]:
+    """How often the ordinary verdict on all prompts is `wrong`, with the interval alone
+    and with the tests at the limit."""
+    _, final, values = excess_by_look[-1]
+    runs = range(final.shape[0])
+    interval_only = [ordinary_verdict(final[run], 0.95) for run in runs]
+    with_test = [ordinary_verdict(final[run], 0.95, values[run]) for run in runs]
+    return interval_only.count(wrong) / len(runs), with_test.count(wrong) / len(runs)
 
 
 def test_the_ordinary_verdict_keeps_its_level_for_a_rare_binary_outcome() -> None:
@@ -383,15 +397,12 @@ def test_the_ordinary_verdict_keeps_its_level_for_a_rare_binary_outcome() -> Non
     2 x 10,000 runs). With the test at the limit (`compare.within_at_limit`) the rate is
     back within Monte Carlo error of 2.5% (2.4-2.6% over the same runs; two standard
     errors here), early looks or not."""
-    _, final, values = simulated_excess(LIMIT, BINARY_SIMULATIONS, 17, RARE_RATE)[-1]
-    runs = range(BINARY_SIMULATIONS)
-    interval_only = [ordinary_verdict(final[run], 0.95) for run in runs]
-    with_test = [ordinary_verdict(final[run], 0.95, values[run]) for run in runs]
-    margin = 2 * math.sqrt(HALF_ALPHA * (1 - HALF_ALPHA) / BINARY_SIMULATIONS)
-    assert interval_only.count("pass") / BINARY_SIMULATIONS > HALF_ALPHA + margin
-    assert with_test.count("pass") / BINARY_SIMULATIONS <= HALF_ALPHA + margin
+    excess_by_look = simulated_excess(LIMIT, BINARY_SIMULATIONS, 17, RARE_RATE)
+    interval_only, with_test = final_look_rates(excess_by_look, "pass")
+    assert interval_only > HALF_ALPHA + MARGIN
+    assert with_test <= HALF_ALPHA + MARGIN
     sequential = simulate(LIMIT, BINARY_SIMULATIONS, 17, parent_rate=RARE_RATE)
-    assert rate(sequential, "pass") <= HALF_ALPHA + margin
+    assert rate(sequential, "pass") <= HALF_ALPHA + MARGIN
 
 
 @cache
@@ -409,15 +420,12 @@ def test_the_ordinary_verdict_keeps_its_level_for_an_outcome_skewed_towards_bett
     bootstrap's own p-value wrongly fails 3.6-4.3% of adapters on their limit (6,000 and
     4,000 runs); with the test at the limit (`compare.p_beyond_at_limit`) ~2.0%, early
     looks or not."""
-    _, final, values = skewed_excess(BINARY_SIMULATIONS, 23)[-1]
-    runs = range(BINARY_SIMULATIONS)
-    interval_only = [ordinary_verdict(final[run], 0.95) for run in runs]
-    with_test = [ordinary_verdict(final[run], 0.95, values[run]) for run in runs]
-    margin = 2 * math.sqrt(HALF_ALPHA * (1 - HALF_ALPHA) / BINARY_SIMULATIONS)
-    assert interval_only.count("fail") / BINARY_SIMULATIONS > HALF_ALPHA + margin
-    assert with_test.count("fail") / BINARY_SIMULATIONS <= HALF_ALPHA + margin
-    sequential = procedure(skewed_excess(BINARY_SIMULATIONS, 23), BINARY_SIMULATIONS)
-    assert rate(sequential, "fail") <= HALF_ALPHA + margin
+    excess_by_look = skewed_excess(BINARY_SIMULATIONS, 23)
+    interval_only, with_test = final_look_rates(excess_by_look, "fail")
+    assert interval_only > HALF_ALPHA + MARGIN
+    assert with_test <= HALF_ALPHA + MARGIN
+    sequential = procedure(excess_by_look, BINARY_SIMULATIONS)
+    assert rate(sequential, "fail") <= HALF_ALPHA + MARGIN
 
 
 def test_the_test_at_the_limit_costs_little_power() -> None:
