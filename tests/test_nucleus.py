@@ -48,7 +48,7 @@ def test_candidates_hold_the_whole_nucleus_in_descending_order(top_p: float) -> 
 
 def test_the_test_rows_use_every_rung() -> None:
     probs = _rows(torch.Generator().manual_seed(0))
-    chosen = nucleus._thresholds(probs.numpy(), nucleus.LADDER, 0.9 + nucleus.MARGIN)
+    chosen = nucleus.chosen_rungs(probs.numpy(), 0.9)
     assert set(nucleus.LADDER.tolist()) <= set(chosen.tolist())
     assert -1.0 in chosen.tolist()
 
@@ -102,7 +102,7 @@ def test_a_kernel_that_fails_here_falls_back_to_the_exact_top_k(monkeypatch) -> 
     probs = _rows(generator)
     uniforms = torch.rand(probs.shape[0], generator=generator)
     expected = sample_probabilities(probs, uniforms, top_p=0.9, use_ladder=False)
-    monkeypatch.setattr(nucleus, "_thresholds", broken)
+    monkeypatch.setattr(nucleus, "_collect", broken)
     monkeypatch.setattr(nucleus, "_defined", True)
     with pytest.warns(RuntimeWarning, match="falls back to torch.topk"):
         got = sample_probabilities(probs, uniforms, top_p=0.9)
