@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import helpers_models
 import pytest
 import torch
 
@@ -50,3 +51,73 @@ def test_gradients_and_modified_weights_take_the_ordinary_path(model) -> None:  
         torch.testing.assert_close(
             layer(inputs), torch.nn.functional.linear(inputs, layer.weight), rtol=0, atol=0
         )
+
+
+def _mlp_outputs(model, inputs: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+    with torch.inference_mode():
+        return [layer.mlp(inputs) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fused_mlps_give_the_same_outputs(family: str, tmp_path) -> None:  # noqa: ANN001
+    """SiLU (Llama) and tanh-GELU (Gemma) MLPs, fused into two oneDNN products."""
+    from transformers import AutoModelForCausalLM
+
+    build = (
+        helpers_models.build_tiny_llama if family == "llama" else helpers_models.build_tiny_gemma3
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(build(tmp_path / family))).eval()
+    inputs = torch.randn(4, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 5, 9, 12, 7], [3, 4, 5, 6, 8]])
+    before, logits = _mlp_outputs(model, inputs), _logits(model, ids)
+    packed.pack_linears(model)
+    assert packed.fuse_gated_mlps(model) == len(model.model.layers)
+    assert packed.fuse_gated_mlps(model) == 0  # already fused
+    for got, expected in zip(_mlp_outputs(model, inputs), before, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_logits(model, ids), logits, rtol=1e-4, atol=1e-4)
+    packed.unpack_linears(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    for got, expected in zip(_mlp_outputs(model, inputs), before, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_an_unknown_activation_is_not_fused(model) -> None:  # noqa: ANN001
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.ReLU()  # not in the table: its own forward stays
+    packed.pack_linears(model)
+    assert packed.fuse_gated_mlps(model) == 0
+
+
+def test_a_fused_mlp_takes_its_own_forward_when_it_must(model) -> None:  # noqa: ANN001
+    """An adapter wrapping a projection after fusing, a changed weight, gradients: the
+    module's own forward, exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    packed.pack_linears(model)
+    assert packed.fuse_gated_mlps(model) == 2
+    mlp = model.model.layers[0].mlp
+    inputs = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+
+    def own() -> torch.Tensor:
+        return type(mlp).forward(mlp, inputs)
+
+    with torch.no_grad():
+        mlp.up_proj.weight.mul_(1.5)  # the packed copy is stale now
+        torch.testing.assert_close(mlp(inputs), own(), rtol=0, atol=0)
+    with torch.enable_grad():
+        inputs.requires_grad_(True)
+        mlp(inputs).sum().backward()
+        assert inputs.grad is not None and inputs.grad.abs().sum() > 0
+        inputs.requires_grad_(False)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["gate_proj"], init_lora_weights=False)
+    )
+    mlp = peft_model.base_model.model.model.layers[1].mlp
+    assert type(mlp.gate_proj) is not torch.nn.Linear
+    with torch.no_grad():
+        got = mlp(inputs)
+        with peft_model.disable_adapter():
+            parent = mlp(inputs)
+        torch.testing.assert_close(got, own(), rtol=0, atol=0)
+    assert not torch.allclose(got, parent)  # the adapter's effect is there

@@ -92,7 +92,7 @@ class Generator:
         self.batch_size = settings.batch_size or auto_batch_size(model, device)
         self.eos_ids = self._eos_ids()
         from toxtests.head import output_head  # torch: only once a model is loaded
-        from toxtests.packed import pack_linears
+        from toxtests.packed import fuse_gated_mlps, pack_linears
 
         # (decoder, fused output head) where the head provably equals the model's own.
         self.fused = output_head(model, device)
@@ -100,6 +100,7 @@ class Generator:
             # The fused head has its own packed chunks: the output layer is left alone.
             output_layer = model.get_output_embeddings() if self.fused else None
             pack_linears(model, skip=(output_layer,) if output_layer is not None else ())
+            fuse_gated_mlps(model)
         self.prefill_overhead = FORWARD_OVERHEAD
 
     def _eos_ids(self) -> list[int]:

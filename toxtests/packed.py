@@ -101,8 +101,108 @@ def pack_linears(model: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ())
 
 
 def unpack_linears(model: torch.nn.Module) -> None:
-    """Back to the ordinary forward, freeing the packed copies."""
+    """Back to the ordinary forward, freeing the packed copies (and unfusing the MLPs
+    built on them)."""
+    unfuse_gated_mlps(model)
     for module in model.modules():
         if hasattr(module, PACKED_ATTRIBUTE):
             delattr(module, PACKED_ATTRIBUTE)
+            del module.forward
+
+
+# Activations oneDNN can apply inside the gate projection: class name -> (post-op,
+# algorithm). Whether the module really computes that is checked numerically.
+FUSABLE_ACTIVATIONS = {
+    "GELUTanh": ("gelu", "tanh"),
+    "PytorchGELUTanh": ("gelu", "tanh"),
+    "SiLUActivation": ("swish", ""),
+    "SiLU": ("swish", ""),
+}
+FUSED_ATTRIBUTE = "_toxtests_fused_mlp"
+
+
+def _gated_parts(module: torch.nn.Module) -> tuple[Any, Any, Any, Any] | None:
+    """(gate, up, down, act_fn) of a gated MLP whose three projections are packed."""
+    parts = tuple(getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if not all(type(p) is torch.nn.Linear and hasattr(p, PACKED_ATTRIBUTE) for p in parts):
+        return None
+    gate, up, down = parts
+    if gate.bias is not None or up.bias is not None:
+        return None
+    return gate, up, down, getattr(module, "act_fn", None)
+
+
+def fuse_gated_mlps(model: torch.nn.Module) -> int:
+    """Run each gated MLP `down(act(gate(x)) * up(x))` of `model` whose projections are
+    packed (`pack_linears`) as two oneDNN products with the activation and the product
+    applied inside them: no separate activation and multiplication passes over the
+    (rows x intermediate) activations (~0.3 s of a 113-row batch on Gemma 3 270M, ~4%).
+
+    Only MLPs whose activation oneDNN has, and whose fused output matches their own
+    forward on a probe, are fused; at call time the fused path also needs the same packed
+    layers, unchanged, with no gradients (an adapter that wraps a projection, a training
+    step, … take the module's own forward). Returns the count fused."""
+    count = 0
+    for module in model.modules():
+        parts = _gated_parts(module)
+        if parts is None or "forward" in vars(module):  # fused, or hooked by another
+            continue
+        gate, up, down, act = parts
+        post_op = FUSABLE_ACTIVATIONS.get(type(act).__name__)
+        if post_op is None:
+            continue
+        forward = _fused_mlp_forward(module, (gate, up, down), post_op)
+        probe = torch.randn(3, 2, gate.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = module(probe)
+            try:
+                got = forward(probe)
+            except (RuntimeError, NotImplementedError):
+                continue
+        scale = float(expected.abs().max()) or 1.0
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * scale):
+            continue
+        module.forward = forward  # type: ignore[method-assign]
+        setattr(module, FUSED_ATTRIBUTE, True)
+        count += 1
+    return count
+
+
+def _fused_mlp_forward(
+    module: torch.nn.Module, layers: tuple[Any, Any, Any], post_op: tuple[str, str]
+) -> Any:
+    original = type(module).forward
+    gate, up, down = layers
+    versions = tuple(layer.weight._version for layer in layers)
+    packs = tuple(getattr(layer, PACKED_ATTRIBUTE) for layer in layers)
+    attr, algorithm = post_op
+    pointwise = torch.ops.mkldnn._linear_pointwise
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        usable = (
+            not torch.is_grad_enabled()
+            and inputs.dtype == torch.float32
+            and inputs.device.type == "cpu"
+            and module.gate_proj is gate
+            and module.up_proj is up
+            and module.down_proj is down
+            and all(
+                layer.weight._version == version
+                for layer, version in zip(layers, versions, strict=True)
+            )
+        )
+        if not usable:
+            return original(module, inputs)
+        activated = pointwise(inputs, packs[0], None, attr, [], algorithm)
+        product = pointwise.binary(inputs, activated, packs[1], None, "mul")
+        return linear(product, packs[2], down.bias)
+
+    return forward
+
+
+def unfuse_gated_mlps(model: torch.nn.Module) -> None:
+    """Back to each MLP's own forward."""
+    for module in model.modules():
+        if hasattr(module, FUSED_ATTRIBUTE):
+            delattr(module, FUSED_ATTRIBUTE)
             del module.forward
