@@ -196,3 +196,24 @@ def test_balanced_batches_cover_the_rows_in_as_few_even_batches(count: int, larg
     assert len(batches) == -(-count // largest)  # no more batches than needed
     assert all(0 < size <= largest for size in sizes)
     assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+def test_cpu_batch_size_follows_the_free_memory(monkeypatch) -> None:  # noqa: ANN001
+    """How much memory is free cannot be changed here, so `available_memory` is replaced."""
+    from types import SimpleNamespace
+
+    from toxtests import generate
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=262_144))
+    real = generate.available_memory()
+    assert real > 0  # /proc/meminfo is read on this Linux machine
+    monkeypatch.setattr(generate, "available_memory", lambda: 64 << 30)
+    assert generate.auto_batch_size(model, "cpu") == generate.CPU_MAX_ROWS
+    monkeypatch.setattr(generate, "available_memory", lambda: 1 << 30)
+    rows = generate.auto_batch_size(model, "cpu")
+    assert 8 <= rows < generate.CPU_MAX_ROWS
+    assert rows * 3 * 4 * 262_144 * 8 <= 1 << 30  # an eighth of the free memory at most
+    monkeypatch.setattr(generate, "available_memory", lambda: 1 << 20)
+    assert generate.auto_batch_size(model, "cpu") == 8  # never below 8 rows
+    monkeypatch.setattr(generate, "available_memory", lambda: 0)
+    assert generate.auto_batch_size(model, "cpu") == 128  # unknown: a moderate default
