@@ -123,7 +123,7 @@ FUSED_ATTRIBUTE = "_toxtests_fused_mlp"
 
 def _gated_parts(module: torch.nn.Module) -> tuple[Any, Any, Any, Any] | None:
     """(gate, up, down, act_fn) of a gated MLP whose three projections are packed."""
-    parts = tuple(getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    parts: list[Any] = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(type(p) is torch.nn.Linear and hasattr(p, PACKED_ATTRIBUTE) for p in parts):
         return None
     gate, up, down = parts
