@@ -196,3 +196,29 @@ def test_a_joined_cache_is_freed_without_a_garbage_collection() -> None:
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_joined_padding_is_zero_even_in_uninitialised_memory() -> None:
+    """The joined buffers are allocated uninitialised: the padding must be written with
+    zeros (a NaN there survives the mask). torch's deterministic mode fills fresh
+    tensors with NaN, which makes any position left unwritten visible."""
+    import torch.utils.deterministic
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()  # the mode this test relies on is on
+        from transformers.cache_utils import DynamicLayer
+
+        short, wide = _cache(DynamicLayer(), 2, 2, 1.0), _cache(DynamicLayer(), 1, 5, 2.0)
+        joined = join_caches([short, wide], [2, 5], room=3)
+        layer = joined.layers[0]
+        for states in (layer.keys, layer.values):
+            assert states.shape == (3, 1, 5, 2)
+            assert not states.isnan().any()
+            assert states[:2, :, :3].eq(0).all() and states[2:].gt(0).all()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = fill

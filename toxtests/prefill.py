@@ -22,7 +22,7 @@ from typing import Any
 
 # A forward pass costs about as much fixed time as this many padded positions; it
 # stops the plan from splitting into many tiny, inefficient groups.
-FORWARD_OVERHEAD = 64
+FORWARD_OVERHEAD = 32
 
 
 def plan_groups(lengths: list[int], overhead: int = FORWARD_OVERHEAD) -> list[tuple[int, int]]:
@@ -78,13 +78,19 @@ def join_caches(caches: list[Any], widths: list[int], room: int = 0) -> Any | No
         parts = [cache.layers[index] for cache in caches]
         rows = sum(part.keys.shape[0] for part in parts)
         _, heads, _, dim = layer.keys.shape
-        keys = layer.keys.new_zeros(rows, heads, width + room, dim)
-        values = layer.values.new_zeros(rows, heads, width + room, layer.values.shape[-1])
+        # Uninitialised: every position is written before it is read, the padding with
+        # zeros (masked, but a NaN left there would still poison the attention sums),
+        # the room by the decode steps. Zeroing all of it cost ~0.1 s a 225-row batch.
+        keys = layer.keys.new_empty(rows, heads, width + room, dim)
+        values = layer.values.new_empty(rows, heads, width + room, layer.values.shape[-1])
         row = 0
         for part, part_width in zip(parts, widths, strict=True):
             count = part.keys.shape[0]
-            keys[row : row + count, :, width - part_width : width] = part.keys
-            values[row : row + count, :, width - part_width : width] = part.values
+            pad = width - part_width
+            keys[row : row + count, :, :pad] = 0
+            values[row : row + count, :, :pad] = 0
+            keys[row : row + count, :, pad:width] = part.keys
+            values[row : row + count, :, pad:width] = part.values
             row += count
         layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
         if room:
