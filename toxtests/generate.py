@@ -83,8 +83,9 @@ def auto_batch_size(model: Any, device: str) -> int:
 
         free, _ = torch.cuda.mem_get_info()
         return int(max(8, min(256, free // (512 << 20))))
-    # A row holds two (vocab,) float32 buffers at each step (logits, probabilities)
-    # plus the nucleus scratch; keep them within an eighth of the free memory.
+    # A row holds a (vocab,) float32 buffer at each step (logits, then probabilities in
+    # place), the chunk being projected and the nucleus scratch: three vocabularies of
+    # floats, generously; keep them within an eighth of the free memory.
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     per_row = 3 * 4 * max(vocab, 32_000)
     free = available_memory()
