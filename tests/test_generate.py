@@ -68,6 +68,25 @@ def test_identity_adapter_gives_identical_samples(tiny_loaded) -> None:  # noqa:
     assert len({g.text for g in parent[1]}) > 1
 
 
+def test_merged_adapter_layers_give_the_same_text_as_peft(tiny_loaded, monkeypatch) -> None:  # noqa: ANN001
+    """An adapter's LoRA layers run as packed merged weights (`merge_adapter_layers`):
+    the same samples as PEFT's own three products and an addition."""
+    from toxtests import packed
+
+    generator = _generator(tiny_loaded, max_new_tokens=10, samples=2, batch_size=5)
+    merged = generator.generate(PROMPTS, "adapter1")
+    layers = [m for m in tiny_loaded.model.modules() if hasattr(m, packed.MERGED_ATTRIBUTE)]
+    assert layers and all(
+        getattr(m, packed.MERGED_ATTRIBUTE)["adapter1"][0] is not None for m in layers
+    )
+    monkeypatch.setattr(packed, "merge_adapter_layers", lambda model, adapter: 0)
+    packed.unpack_linears(tiny_loaded.model)  # PEFT's own forward everywhere again
+    assert not any(hasattr(m, packed.MERGED_ATTRIBUTE) for m in tiny_loaded.model.modules())
+    plain = _generator(tiny_loaded, max_new_tokens=10, samples=2, batch_size=5)
+    own = plain.generate(PROMPTS, "adapter1")
+    assert [[g.text for g in row] for row in merged] == [[g.text for g in row] for row in own]
+
+
 def test_samples_do_not_depend_on_batch_order(tiny_loaded) -> None:  # noqa: ANN001
     """A prompt's samples depend on (seed, prompt id, sample), not on its neighbours."""
     generator = _generator(tiny_loaded, max_new_tokens=8, samples=2, batch_size=8)

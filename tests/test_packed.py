@@ -121,3 +121,71 @@ def test_a_fused_mlp_takes_its_own_forward_when_it_must(model) -> None:  # noqa:
             parent = mlp(inputs)
         torch.testing.assert_close(got, own(), rtol=0, atol=0)
     assert not torch.allclose(got, parent)  # the adapter's effect is there
+
+
+def _lora_model(model):  # noqa: ANN001, ANN202
+    """Two non-trivial LoRA adapters (PEFT's random B, not zeros) on the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj"]
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(model, config, adapter_name="first")
+    second = LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    peft_model.add_adapter("second", second)
+    return peft_model.eval()
+
+
+def test_merged_lora_layers_give_the_adapters_own_logits(model) -> None:  # noqa: ANN001
+    peft_model = _lora_model(model)
+    ids = torch.tensor([[1, 5, 9, 12, 7], [3, 4, 5, 6, 8]])
+    expected = {}
+    for name in ("first", "second"):
+        peft_model.set_adapter(name)
+        expected[name] = _logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        parent = _logits(peft_model, ids)
+    assert not torch.allclose(expected["first"], parent, atol=1e-3)  # the adapters do something
+    packed.pack_linears(peft_model)
+    layers = 4 * len(model.model.layers)
+    assert packed.merge_adapter_layers(peft_model, "first") == layers
+    assert packed.merge_adapter_layers(peft_model, "first") == layers  # kept, not rebuilt
+    peft_model.set_adapter("first")
+    torch.testing.assert_close(_logits(peft_model, ids), expected["first"], rtol=1e-4, atol=1e-5)
+    peft_model.set_adapter("second")  # not merged for it yet: PEFT's own path
+    torch.testing.assert_close(_logits(peft_model, ids), expected["second"], rtol=1e-4, atol=1e-5)
+    assert packed.merge_adapter_layers(peft_model, "second") == layers
+    torch.testing.assert_close(_logits(peft_model, ids), expected["second"], rtol=1e-4, atol=1e-5)
+    with peft_model.disable_adapter():  # the parent runs on the untouched weights
+        torch.testing.assert_close(_logits(peft_model, ids), parent, rtol=1e-4, atol=1e-5)
+    packed.unpack_linears(peft_model)
+    assert not any("forward" in vars(m) for m in peft_model.modules())
+
+
+def test_a_merged_lora_layer_takes_peft_forward_when_it_must(model) -> None:  # noqa: ANN001
+    """A changed LoRA weight, gradients, two active adapters: PEFT's forward, exactly."""
+    peft_model = _lora_model(model)
+    packed.pack_linears(peft_model)
+    packed.merge_adapter_layers(peft_model, "first")
+    peft_model.set_adapter("first")
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    inputs = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(6))
+
+    def own() -> torch.Tensor:
+        return type(layer).forward(layer, inputs)
+
+    with torch.no_grad():
+        merged = layer(inputs)
+        torch.testing.assert_close(merged, own(), rtol=1e-4, atol=1e-5)
+        layer.lora_B["first"].weight.mul_(3.0)  # the merged copy is stale now
+        torch.testing.assert_close(layer(inputs), own(), rtol=0, atol=0)
+        assert not torch.allclose(layer(inputs), merged, atol=1e-4)
+    assert packed.merge_adapter_layers(peft_model, "first") == 4 * len(model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), own(), rtol=1e-4, atol=1e-5)
+    with torch.enable_grad():
+        layer(inputs).sum().backward()
+    assert layer.lora_A["first"].weight.grad is not None  # the merged copy has no autograd
+    layer.set_adapter(["first", "second"])  # two active adapters: not one merged weight
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), own(), rtol=0, atol=0)

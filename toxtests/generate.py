@@ -145,6 +145,10 @@ class Generator:
         if adapter is None:
             return model.disable_adapter()
         model.set_adapter(adapter)
+        if self.device.startswith("cpu"):
+            from toxtests.packed import merge_adapter_layers
+
+            merge_adapter_layers(model, adapter)  # W + BA packed, the model's W untouched
         return nullcontext()
 
     def generate(

@@ -102,8 +102,12 @@ def pack_linears(model: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ())
 
 def unpack_linears(model: torch.nn.Module) -> None:
     """Back to the ordinary forward, freeing the packed copies (and unfusing the MLPs
-    built on them)."""
+    and unmerging the LoRA layers built on them)."""
     unfuse_gated_mlps(model)
+    for module in model.modules():
+        if hasattr(module, MERGED_ATTRIBUTE):
+            delattr(module, MERGED_ATTRIBUTE)
+            del module.forward
     for module in model.modules():
         if hasattr(module, PACKED_ATTRIBUTE):
             delattr(module, PACKED_ATTRIBUTE)
@@ -206,3 +210,111 @@ def unfuse_gated_mlps(model: torch.nn.Module) -> None:
         if hasattr(module, FUSED_ATTRIBUTE):
             delattr(module, FUSED_ATTRIBUTE)
             del module.forward
+
+
+MERGED_ATTRIBUTE = "_toxtests_merged"
+
+
+def _lora_state(module: Any, adapter: str) -> tuple[Any, ...]:
+    """What a merged copy depends on: the weights' versions and the scaling."""
+    return (
+        module.base_layer.weight._version,
+        module.lora_A[adapter].weight._version,
+        module.lora_B[adapter].weight._version,
+        module.scaling[adapter],
+    )
+
+
+def merge_adapter_layers(model: torch.nn.Module, adapter: str) -> int:
+    """Give every plain LoRA layer of `adapter` in `model` a packed copy of its merged
+    weight `W + scaling * B @ A`, used while that adapter alone is active: one product per
+    layer instead of three and an addition. The model's weights are not touched, so the
+    parent (adapters disabled) still runs on W. Measured on Gemma 3 270M with the demo
+    LoRA on q, v and o: 280 tokens/s unmerged against 295 for the parent.
+
+    Only vanilla LoRA on an fp32 CPU `nn.Linear` (no DoRA or other variant, no bias on B)
+    is merged, and only where the merged layer matches PEFT's own forward on a probe; at
+    call time it also needs no gradients, the same single active adapter, nothing merged
+    by PEFT and unchanged weights, otherwise PEFT's forward runs. Returns the count of
+    layers with a merged copy for `adapter`."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return 0
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear or adapter not in module.lora_A:
+            continue
+        base = module.base_layer
+        if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32:
+            continue
+        if base.weight.device.type != "cpu" or adapter in getattr(module, "lora_variant", {}):
+            continue
+        if getattr(module.lora_B[adapter], "bias", None) is not None:
+            continue
+        merged = getattr(module, MERGED_ATTRIBUTE, None)
+        if merged is None:
+            if "forward" in vars(module):  # hooked by someone else: leave it alone
+                continue
+            merged = {}
+            setattr(module, MERGED_ATTRIBUTE, merged)
+            module.forward = _merged_forward(module, merged)  # type: ignore[method-assign]
+        state = _lora_state(module, adapter)
+        known = merged.get(adapter)
+        if known is not None and known[1] == state:
+            count += known[0] is not None
+            continue
+        merged.pop(adapter, None)
+        with torch.no_grad():
+            weight = base.weight + module.get_delta_weight(adapter)
+        packed_weight = pack(weight)
+        entry: tuple[torch.Tensor | None, tuple[Any, ...]] = (packed_weight, state)
+        probe = torch.randn(3, base.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # vanilla LoRA as PEFT computes it, dropout aside
+            lora = module.lora_B[adapter](module.lora_A[adapter](probe))
+            expected = F.linear(probe, base.weight, base.bias) + lora * module.scaling[adapter]
+            got = linear(probe, packed_weight, base.bias)
+        scale = float(expected.abs().max()) or 1.0
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * scale):
+            entry = (None, state)  # not what PEFT computes: never use it
+        merged[adapter] = entry
+        count += entry[0] is not None
+    return count
+
+
+def _sole(module: Any, adapter: str) -> bool:
+    """Whether `adapter` alone is active and unmerged on this LoRA layer."""
+    return (
+        not module.disable_adapters
+        and not module.merged
+        and list(module.active_adapters) == [adapter]
+        and not module.lora_dropout[adapter].training
+    )
+
+
+def _merged_forward(module: Any, merged: dict[str, Any]) -> Any:
+    original = type(module).forward
+
+    def forward(inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (
+            args
+            or kwargs
+            or torch.is_grad_enabled()
+            or inputs.dtype != torch.float32
+            or inputs.device.type != "cpu"
+        ):
+            return original(module, inputs, *args, **kwargs)
+        active = module.active_adapters
+        entry = merged.get(active[0]) if len(active) == 1 else None
+        if (
+            entry is None
+            or entry[0] is None
+            or not _sole(module, active[0])
+            or entry[1] != _lora_state(module, active[0])
+        ):
+            return original(module, inputs, *args, **kwargs)
+        return linear(inputs, entry[0], module.base_layer.bias)
+
+    return forward
