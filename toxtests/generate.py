@@ -307,7 +307,12 @@ class Generator:
 
     def _next_tokens(self, last: Any, uniforms: Any) -> Any:
         """The next token of every row from its last state, by its own uniform."""
-        from toxtests.sampling import sample_probabilities, sample_tokens
+        from toxtests.sampling import (
+            native_sampling_applies,
+            sample_logit_chunks,
+            sample_probabilities,
+            sample_tokens,
+        )
 
         settings = self.settings
         if self.fused is None:
@@ -323,5 +328,9 @@ class Generator:
         head = self.fused[1]
         if not settings.do_sample:
             return head.logits(last).argmax(dim=-1)
+        if settings.top_k == 0 and settings.top_p < 1.0 and native_sampling_applies(last):
+            return sample_logit_chunks(
+                head.logit_chunks(last), uniforms, settings.temperature, settings.top_p
+            )
         probs = head.probabilities(last, settings.temperature)
         return sample_probabilities(probs, uniforms, top_k=settings.top_k, top_p=settings.top_p)

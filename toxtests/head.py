@@ -88,6 +88,23 @@ class OutputHead:
         if self.softcap:
             block.div_(self.softcap).tanh_().mul_(self.softcap)
 
+    def logit_chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The logits as contiguous (rows, chunk) blocks in vocabulary order, without
+        the copy into one buffer (~10 ms a step at 225 rows on Gemma): for readers that
+        take them chunk by chunk (`toxtests.native`)."""
+        if self._packs is not None and self.weight._version != self._version:
+            self._packs = None
+        if self._packs is None:
+            return [self.logits(hidden)]
+        chunks = []
+        for index, (start, end) in enumerate(self.chunks):
+            bias = None if self.bias is None else self.bias[start:end]
+            block = packed.linear(hidden, self._packs[index], bias)
+            if self.softcap:
+                block.div_(self.softcap).tanh_().mul_(self.softcap)
+            chunks.append(block)
+        return chunks
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, vocab) logits of (rows, hidden) final hidden states."""
         if self._packs is not None and self.weight._version != self._version:

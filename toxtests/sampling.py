@@ -130,6 +130,35 @@ def sample_probabilities(
     return tokens
 
 
+def native_sampling_applies(hidden: torch.Tensor) -> bool:
+    """Whether `sample_logit_chunks` runs natively for states on `hidden`'s device."""
+    from toxtests import native
+
+    return hidden.device.type == "cpu" and native.load() is not None
+
+
+def sample_logit_chunks(
+    chunks: list[torch.Tensor], uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """`sample_tokens(logits, top_p=top_p)` for logits held as column chunks (the output
+    head's), read once by the native kernel (`toxtests.native`). The rows no rung
+    covers are put together from the chunks and take the torch path."""
+    from toxtests import native
+
+    drawn = torch.from_numpy(
+        native.top_p_sample(
+            chunks, 1.0 / temperature, top_p, uniforms.numpy(), threads=torch.get_num_threads()
+        )
+    )
+    pending = (drawn < 0).nonzero().squeeze(-1)
+    if pending.numel():
+        logits = torch.cat([chunk.index_select(0, pending) for chunk in chunks], dim=-1)
+        drawn[pending] = sample_tokens(
+            logits, uniforms[pending], temperature=temperature, top_p=top_p
+        )
+    return drawn
+
+
 def _ladder_applies(probs: torch.Tensor) -> bool:
     from toxtests import nucleus
 

@@ -1,0 +1,260 @@
+"""The top-p sampling tail in native code, compiled on first use (AVX-512 CPUs with a C
+compiler), read straight from the output head's logit chunks.
+
+On Gemma 3 the tail of a CPU decoding step (copying the head's chunks into one logits
+buffer, the softmax, block maxima, the nucleus) reads and writes the (rows x 262k)
+logits four to five times: ~65 ms a step at 225 rows on an Intel Xeon (2 threads), a
+quarter of the output projection itself. `top_p.c` reads each row once while the head's
+chunks are still separate: the maxima, the normaliser and the candidates of the lowest
+rung, with the row still in cache (~20 ms). It picks the same rung and candidates as
+`toxtests.nucleus`; its probabilities come from its own vectorised exponential (within
+~1.4 ulp of exp, the normaliser summed in double), so they agree with torch's softmax to
+float rounding, not bit for bit.
+
+The library is built once per source, compiler and flags into the cache directory
+(written atomically) and loaded with ctypes; without a compiler, AVX-512 or a writable
+cache, `load()` returns None and generation keeps the torch + numba path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("native") / "top_p.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512dq", "-mfma", "-shared", "-fPIC")
+DISABLE_ENV = "TOXTESTS_NO_NATIVE"
+
+_library: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs AVX-512 (F, DQ) code, as torch's dispatcher sees it."""
+    import torch
+
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover - torch < 2.1
+        return False
+    return capability.startswith("AVX512")
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _library_path(cache_dir: Path, cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.stdout.encode()
+    ).hexdigest()[:16]
+    return cache_dir / "native" / f"top_p-{key}.so"
+
+
+def build(cache_dir: Path, cc: str) -> Path:
+    """Compile `top_p.c` into the cache (once per source, flags and compiler)."""
+    target = _library_path(cache_dir, cc)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cc, *FLAGS, "-o", temporary, str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} could not compile {SOURCE}:\n{result.stderr.strip()}")
+        os.replace(temporary, target)  # atomic: a concurrent worker sees all or nothing
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot run here (warned once)."""
+    global _library, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get(DISABLE_ENV) or not cpu_supported():
+            return None
+        cc = compiler()
+        if cc is None:
+            return None
+        from toxtests.models import default_cache_dir
+
+        try:
+            library = ctypes.CDLL(str(build(default_cache_dir(), cc)))
+            _declare(library)
+        except (OSError, RuntimeError, AttributeError) as exc:
+            warnings.warn(
+                f"toxtests: the native top-p kernel is unavailable ({exc}); sampling keeps "
+                f"the torch + numba path, exact but slower. Set {DISABLE_ENV}=1 to skip it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        _library = library
+        return library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.top_p_candidates.restype = ctypes.c_int
+    library.top_p_candidates.argtypes = [
+        pointer, pointer, ctypes.c_int32, i64, i64, ctypes.c_float, pointer,
+        ctypes.c_int32, ctypes.c_double, i64, pointer, pointer, pointer, pointer,
+    ]  # fmt: skip
+    library.top_p_sample.restype = ctypes.c_int
+    library.top_p_sample.argtypes = [
+        pointer, pointer, ctypes.c_int32, i64, i64, ctypes.c_float, pointer,
+        ctypes.c_int32, ctypes.c_double, i64, ctypes.c_float, pointer, pointer,
+    ]  # fmt: skip
+    library.pack_candidates.restype = None
+    library.pack_candidates.argtypes = [pointer, pointer, i64, pointer, i64, i64, pointer, pointer]
+
+
+def _workers(threads: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="toxtests-top-p")
+    return _pool
+
+
+def _layout(chunks: list[Any]) -> tuple[int, np.ndarray, Any, int]:
+    """(rows, chunk widths, chunk pointers, candidate room per row) of logit chunks."""
+    from toxtests.nucleus import BLOCK, LADDER
+
+    rows = int(chunks[0].shape[0])
+    for chunk in chunks:
+        if (
+            chunk.dtype.itemsize != 4
+            or not chunk.dtype.is_floating_point
+            or chunk.device.type != "cpu"
+            or not chunk.is_contiguous()
+            or chunk.shape[0] != rows
+        ):
+            raise ValueError("logit chunks must be contiguous float32 CPU blocks of the same rows")
+    widths = np.array([int(chunk.shape[1]) for chunk in chunks], dtype=np.int64)
+    pointers = (ctypes.c_void_p * len(chunks))(*[chunk.data_ptr() for chunk in chunks])
+    # At most 1/t tokens have p >= t (slack for a sum a rounding above 1), plus a block
+    # of slack for the block-wise writes.
+    room = min(int(widths.sum()), int(1.01 / float(LADDER[-1])) + 1) + BLOCK
+    return rows, widths, pointers, room
+
+
+def _split(run: Any, rows: int, threads: int) -> None:
+    """run(first, last) over `threads` Python threads (ctypes lets go of the GIL)."""
+    threads = max(1, min(threads, rows))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        statuses = [run(0, rows)]
+    else:
+        statuses = list(_workers(threads).map(run, bounds[:-1], bounds[1:]))
+    if any(statuses):
+        raise MemoryError("the native top-p kernel could not allocate its scratch memory")
+
+
+def _loaded() -> ctypes.CDLL:
+    library = load()
+    if library is None:
+        raise RuntimeError("the native top-p kernel is not available here")
+    return library
+
+
+def _ladder() -> np.ndarray:
+    from toxtests.nucleus import LADDER
+
+    return np.ascontiguousarray(LADDER, dtype=np.float32)
+
+
+def top_p_sample(
+    chunks: list[Any], scale: float, top_p: float, uniforms: Any, threads: int = 1
+) -> np.ndarray:
+    """One token per row, drawn from the top-p nucleus of softmax(logits * scale) with
+    the row's uniform exactly as `toxtests.sampling._nucleus_pick` draws it; -1 for a
+    row no rung covers (the caller samples it another way).
+
+    `chunks`: the logits as column chunks, contiguous float32 CPU tensors of the same
+    rows in vocabulary order (`OutputHead.logit_chunks`).
+    """
+    from toxtests.nucleus import MARGIN
+
+    library = _loaded()
+    rows, widths, pointers, room = _layout(chunks)
+    draws = np.ascontiguousarray(np.asarray(uniforms, dtype=np.float32))
+    if draws.shape != (rows,):
+        raise ValueError(f"one uniform per row expected: {rows} rows, uniforms {draws.shape}")
+    tokens = np.empty(rows, dtype=np.int64)
+    ladder = _ladder()
+
+    def run(first: int, last: int) -> int:
+        return int(
+            library.top_p_sample(
+                pointers, widths.ctypes.data, len(chunks), first, last, scale,
+                ladder.ctypes.data, len(ladder), top_p + MARGIN, room, top_p,
+                draws.ctypes.data, tokens.ctypes.data,
+            )
+        )  # fmt: skip
+
+    _split(run, rows, threads)
+    return tokens
+
+
+def top_p_candidates(
+    chunks: list[Any], scale: float, top_p: float, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(values, ids, found, rungs): `toxtests.nucleus.nucleus_candidates`'s result for
+    softmax(logits * scale), plus each row's chosen rung (-1: none); for tests and
+    comparisons, `top_p_sample` is the hot path."""
+    from toxtests.nucleus import MARGIN
+
+    library = _loaded()
+    rows, widths, pointers, room = _layout(chunks)
+    values = np.empty(rows * room, dtype=np.float32)
+    ids = np.empty(rows * room, dtype=np.int32)
+    counts = np.empty(rows, dtype=np.int64)
+    chosen = np.empty(rows, dtype=np.float32)
+    ladder = _ladder()
+
+    def run(first: int, last: int) -> int:
+        return int(
+            library.top_p_candidates(
+                pointers, widths.ctypes.data, len(chunks), first, last, scale,
+                ladder.ctypes.data, len(ladder), top_p + MARGIN, room,
+                values.ctypes.data, ids.ctypes.data, counts.ctypes.data, chosen.ctypes.data,
+            )
+        )  # fmt: skip
+
+    _split(run, rows, threads)
+    width = max(1, int(counts.max(initial=0)))
+    packed_values = np.empty((rows, width), dtype=np.float32)
+    packed_ids = np.empty((rows, width), dtype=np.int64)
+    library.pack_candidates(
+        values.ctypes.data, ids.ctypes.data, room, counts.ctypes.data, rows, width,
+        packed_values.ctypes.data, packed_ids.ctypes.data,
+    )  # fmt: skip
+    return packed_values, packed_ids, counts >= 0, chosen
