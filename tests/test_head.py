@@ -6,6 +6,7 @@ import helpers_models
 import pytest
 import torch
 
+from toxtests import native
 from toxtests.config import GenerationConfig
 from toxtests.generate import Generator
 from toxtests.head import OutputHead, output_head
@@ -53,6 +54,11 @@ def test_chunked_logits_and_probabilities_equal_the_plain_ones(bias: bool, softc
     torch.testing.assert_close(head.logits(hidden), expected, rtol=1e-5, atol=1e-5)
     probs = head.probabilities(hidden, 0.7)
     torch.testing.assert_close(probs, torch.softmax(expected / 0.7, -1), rtol=1e-5, atol=1e-6)
+    for packed in (False, True):  # the chunks the native sampler reads, in vocabulary order
+        chunked = OutputHead(weight, offsets, softcap, chunk=96, use_packed=packed)
+        parts = chunked.logit_chunks(hidden)
+        assert all(part.is_contiguous() for part in parts)
+        torch.testing.assert_close(torch.cat(parts, -1), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_buffers_are_reused_across_steps_and_released() -> None:
@@ -103,7 +109,7 @@ def test_no_head_where_the_probe_logits_differ(tiny, plain_llama) -> None:  # no
 @pytest.mark.parametrize("do_sample", [True, False])
 @pytest.mark.parametrize("which", ["llama", "gemma"])
 def test_fused_generation_equals_the_models_own_head(
-    which: str, do_sample: bool, plain_llama, tiny_gemma
+    which: str, do_sample: bool, plain_llama, tiny_gemma, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
     model, tokenizer = plain_llama if which == "llama" else tiny_gemma
     settings = GenerationConfig(max_new_tokens=10, samples=2, do_sample=do_sample, top_p=0.8)
@@ -111,7 +117,14 @@ def test_fused_generation_equals_the_models_own_head(
     own = Generator(model, tokenizer, settings, "cpu")
     assert fused.fused is not None
     own.fused = None
+    native_calls = []  # a spy: the fused head's sampling goes through the native kernel
+    real_sample = native.top_p_sample
+    monkeypatch.setattr(
+        native, "top_p_sample", lambda *a, **k: native_calls.append(1) or real_sample(*a, **k)
+    )
     texts = lambda rows: [g.text for row in rows for g in row]  # noqa: E731
     got = texts(fused.generate(PROMPTS, None))
+    used_native = bool(native_calls)
     assert got == texts(own.generate(PROMPTS, None))
     assert sum(bool(t) for t in got) >= 5
+    assert used_native == (do_sample and native.load() is not None)
