@@ -65,3 +65,15 @@ def test_nested_use_keeps_the_outer_setting() -> None:
         kept = _resident_mib()
         assert kept - _resident_mib() < 50  # still retained after the inner exit
     assert kept - _resident_mib() > 200
+
+
+def test_blocks_larger_than_the_top_pad_are_kept_too() -> None:
+    """mallopt takes a C int: a trim threshold that wraps to 0 through ctypes would hand
+    everything above the 256 MiB top pad back at the first free."""
+    with retained_memory():
+        block = torch.empty(160 << 20, dtype=torch.float32)  # 640 MiB
+        block.fill_(1.0)
+        before_free = _resident_mib()
+        del block
+        after_free = _resident_mib()
+    assert before_free - after_free < 100  # still in the heap, ready for the next step

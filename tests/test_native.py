@@ -169,3 +169,23 @@ def test_the_environment_switch_turns_it_off() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "True"
+
+
+def test_native_draws_follow_transformers_top_p_distribution() -> None:
+    """Chi-square test of many draws against transformers' own top-p filtering."""
+    from scipy import stats
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    tail = torch.linspace(-4.0, -6.0, 300).tolist()  # distinct values: no tie at the edge
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, *tail]])
+    expected = torch.softmax(TopPLogitsWarper(top_p=0.9)(None, logits.clone()), -1)[0]
+    draws = 40000
+    uniforms = torch.rand(draws, generator=torch.Generator().manual_seed(1)).numpy()
+    rows = logits.expand(draws, -1).contiguous()
+    tokens = torch.from_numpy(native.top_p_sample(_chunks(rows, [100, 208]), 1.0, 0.9, uniforms))
+    support = (expected > 0).nonzero().squeeze(-1)
+    assert set(tokens.unique().tolist()) <= set(support.tolist())
+    observed = torch.bincount(tokens, minlength=logits.shape[1])[support].double()
+    frequencies = expected[support].double()
+    result = stats.chisquare(observed.numpy(), (frequencies / frequencies.sum() * draws).numpy())
+    assert result.pvalue > 1e-3

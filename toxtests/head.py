@@ -9,6 +9,9 @@ The logits, then the probabilities over them, live in one buffer reused from ste
 step: a fresh (128 x 262k) allocation costs more in page faults (~45 ms) than the
 softmax itself (~14 ms).
 
+Where the native top-p kernel runs (`toxtests.native`), sampling reads the chunks as they
+come out (`logit_chunks`) and the buffer is never filled.
+
 The head is only used where it is provably the model's own: a plain `nn.Linear` output
 layer (not wrapped by an adapter), with Gemma's final-logit soft cap applied when the
 config has one, and a probe forward whose logits must match the model's own.

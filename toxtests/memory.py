@@ -20,7 +20,10 @@ from contextlib import contextmanager
 # mallopt(3) parameters and glibc's documented defaults.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 128 * 1024, M_MMAP_MAX: 65536}
-RETAINED = {M_TRIM_THRESHOLD: 1 << 40, M_TOP_PAD: 256 << 20, M_MMAP_MAX: 0}
+# mallopt takes a C int: a larger value (1 << 40, say) wraps to 0 through ctypes, and a
+# trim threshold of 0 hands everything above the top pad back at every free.
+INT_MAX = 2**31 - 1
+RETAINED = {M_TRIM_THRESHOLD: INT_MAX, M_TOP_PAD: 256 << 20, M_MMAP_MAX: 0}
 
 _depth = 0
 

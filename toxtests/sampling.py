@@ -4,9 +4,11 @@ Each row draws its token from one uniform number it was given, so the same unifo
 the parent and an adapter picks the same token whenever their distributions agree
 (common random numbers). The nucleus is looked for among a few top tokens: if they
 already hold at least `top_p` of the mass, the nucleus lies inside them and the result is
-identical to a full sort. On a CPU those tokens are the ones above a threshold
-(`toxtests.nucleus`); elsewhere, and for rows no threshold covers, a partial top-k,
-widened for the rows that need it, and a full sort as the last resort.
+identical to a full sort. On a CPU those tokens are the ones above a threshold: read
+straight from the output head's logit chunks by a native kernel (`toxtests.native`)
+where it builds, else from softmaxed probabilities by numba (`toxtests.nucleus`);
+elsewhere, and for rows no threshold covers, a partial top-k, widened for the rows that
+need it, and a full sort as the last resort.
 """
 
 from __future__ import annotations
