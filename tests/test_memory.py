@@ -77,3 +77,35 @@ def test_blocks_larger_than_the_top_pad_are_kept_too() -> None:
         del block
         after_free = _resident_mib()
     assert before_free - after_free < 100  # still in the heap, ready for the next step
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_a_gate_keeps_one_heap_across_its_generation_calls(
+    tiny, tmp_path, monkeypatch: pytest.MonkeyPatch, early_stopping: bool
+) -> None:  # noqa: ANN001
+    """Every generation call of an adapter's gate (parent and adapter, shard after shard)
+    runs inside an outer `retained_memory`, so none faults its memory in afresh."""
+    from toxtests import memory
+    from toxtests.generate import Generator
+    from toxtests.session import GateSession, RunOptions
+
+    depths: list[int] = []  # a spy: the allocator state each generation call finds
+    real_generate = Generator.generate
+    monkeypatch.setattr(
+        Generator,
+        "generate",
+        lambda self, *a, **k: depths.append(memory._depth) or real_generate(self, *a, **k),
+    )
+    session = GateSession(
+        RunOptions(
+            model=str(tiny.base),
+            adapters=[str(tiny.toxic)],
+            prompts=str(tiny.prompts),
+            thresholds=str(tiny.thresholds),
+            cache_dir=str(tmp_path / "cache"),
+            early_stopping=early_stopping,
+        )
+    )
+    session.adapter_result(0)
+    assert len(depths) >= 2 and all(depth >= 1 for depth in depths)
+    assert memory._depth == 0  # handed back afterwards

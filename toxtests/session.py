@@ -36,6 +36,7 @@ from toxtests.gate import (
     plan_checks,
     restrict,
 )
+from toxtests.memory import retained_memory
 from toxtests.metrics import per_prompt_metrics
 from toxtests.prompts import Prompt, PromptSet, load_prompts
 from toxtests.sequential import (
@@ -462,7 +463,17 @@ class GateSession:
         return decision if decision.decided else None
 
     def adapter_result(self, adapter_index: int) -> dict[str, Any]:
-        """The gate's verdict on one adapter: sequentially, or over every shard."""
+        """The gate's verdict on one adapter: sequentially, or over every shard.
+
+        Freed memory stays in the process across the parent's and the adapter's
+        generation calls (`retained_memory`): each call would otherwise fault its first
+        batch's ~1 GB of activations, caches and logits in afresh, ~250k page faults
+        and 1-2 s per call on Gemma 3 270M (450 prompts: 27.6-28.4 s against 29.5).
+        """
+        with retained_memory():
+            return self._adapter_result(adapter_index)
+
+    def _adapter_result(self, adapter_index: int) -> dict[str, Any]:
         decision = None
         shards = self.shards
         if self.early_stopping:
@@ -593,7 +604,8 @@ class GateSession:
 
     def result(self, created: str | None = None) -> dict[str, Any]:
         """The whole run as a JSON-able dict: what the report and the JSON file show."""
-        adapters = [self.adapter_result(i) for i in range(len(self.options.adapters))]
+        with retained_memory():  # one heap for every adapter's generation
+            adapters = [self.adapter_result(i) for i in range(len(self.options.adapters))]
         verdict = overall_verdict([a["verdict"] for a in adapters])
         fingerprints = self.fingerprints()
         prompts = self.prompt_set.summary()
