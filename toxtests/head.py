@@ -78,40 +78,46 @@ class OutputHead:
     def vocab(self) -> int:
         return int(self.weight.shape[0])
 
+    def _capped(self, block: torch.Tensor) -> torch.Tensor:
+        if self.softcap:
+            block.div_(self.softcap).tanh_().mul_(self.softcap)
+        return block
+
+    def _packed_chunk(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """Chunk `index` of the logits, a fresh contiguous block, through oneDNN."""
+        assert self._packs is not None
+        start, end = self.chunks[index]
+        bias = None if self.bias is None else self.bias[start:end]
+        return self._capped(packed.linear(hidden, self._packs[index], bias))
+
     def _project(self, hidden: torch.Tensor, out: torch.Tensor, index: int) -> None:
         start, end = self.chunks[index]
         block = out[:, start:end]
         if self._packs is not None:
-            bias = None if self.bias is None else self.bias[start:end]
-            block.copy_(packed.linear(hidden, self._packs[index], bias))
-        elif self.bias is None:
+            block.copy_(self._packed_chunk(hidden, index))
+            return
+        if self.bias is None:
             torch.mm(hidden, self.weight[start:end].t(), out=block)
         else:
             torch.addmm(self.bias[start:end], hidden, self.weight[start:end].t(), out=block)
-        if self.softcap:
-            block.div_(self.softcap).tanh_().mul_(self.softcap)
+        self._capped(block)
+
+    def _drop_stale_packs(self) -> None:
+        if self._packs is not None and self.weight._version != self._version:
+            self._packs = None  # the weight changed since it was packed
 
     def logit_chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """The logits as contiguous (rows, chunk) blocks in vocabulary order, without
         the copy into one buffer (~10 ms a step at 225 rows on Gemma): for readers that
         take them chunk by chunk (`toxtests.native`)."""
-        if self._packs is not None and self.weight._version != self._version:
-            self._packs = None
+        self._drop_stale_packs()
         if self._packs is None:
             return [self.logits(hidden)]
-        chunks = []
-        for index, (start, end) in enumerate(self.chunks):
-            bias = None if self.bias is None else self.bias[start:end]
-            block = packed.linear(hidden, self._packs[index], bias)
-            if self.softcap:
-                block.div_(self.softcap).tanh_().mul_(self.softcap)
-            chunks.append(block)
-        return chunks
+        return [self._packed_chunk(hidden, index) for index in range(len(self.chunks))]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, vocab) logits of (rows, hidden) final hidden states."""
-        if self._packs is not None and self.weight._version != self._version:
-            self._packs = None  # the weight changed since it was packed
+        self._drop_stale_packs()
         out = self._output(hidden)
         for index in range(len(self.chunks)):
             self._project(hidden, out, index)
