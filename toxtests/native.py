@@ -6,10 +6,10 @@ buffer, the softmax, block maxima, the nucleus) reads and writes the (rows x 262
 logits four to five times: ~65 ms a step at 225 rows on an Intel Xeon (2 threads), a
 quarter of the output projection itself. `top_p.c` reads each row once while the head's
 chunks are still separate: the maxima, the normaliser and the candidates of the lowest
-rung, with the row still in cache (~20 ms). It picks the same rung and candidates as
-`toxtests.nucleus`; its probabilities come from its own vectorised exponential (within
-~1.4 ulp of exp, the normaliser summed in double), so they agree with torch's softmax to
-float rounding, not bit for bit.
+rung, with the row still in cache, then the rung, the sort and the draw (~25 ms). It
+picks the rungs `toxtests.nucleus` picks; its probabilities come from its own vectorised
+exponential (within ~1.4 ulp of exp, the normaliser summed in double): closer to a
+float64 softmax than torch's float32 one, equal to it only to float rounding.
 
 The library is built once per source, compiler and flags into the cache directory
 (written atomically) and loaded with ctypes; without a compiler, AVX-512 or a writable
