@@ -40,6 +40,7 @@ _library: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def cpu_supported() -> bool:
@@ -138,32 +139,48 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 def _workers(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001
+    global _pool, _pool_size
+    if _pool is None or _pool_size < threads:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="toxtests-top-p")
+        _pool_size = threads
     return _pool
 
 
-def _layout(chunks: list[Any]) -> tuple[int, np.ndarray, Any, int]:
-    """(rows, chunk widths, chunk pointers, candidate room per row) of logit chunks."""
-    from toxtests.nucleus import BLOCK, LADDER
+class _Rows:
+    """The logit chunks as the kernels take them, and the arguments both kernels share:
+    (chunks, widths, count, first row, last row, scale, ladder, rungs, target, room)."""
 
-    rows = int(chunks[0].shape[0])
-    for chunk in chunks:
-        if (
-            chunk.dtype.itemsize != 4
-            or not chunk.dtype.is_floating_point
-            or chunk.device.type != "cpu"
-            or not chunk.is_contiguous()
-            or chunk.shape[0] != rows
-        ):
-            raise ValueError("logit chunks must be contiguous float32 CPU blocks of the same rows")
-    widths = np.array([int(chunk.shape[1]) for chunk in chunks], dtype=np.int64)
-    pointers = (ctypes.c_void_p * len(chunks))(*[chunk.data_ptr() for chunk in chunks])
-    # At most 1/t tokens have p >= t (slack for a sum a rounding above 1), plus a block
-    # of slack for the block-wise writes.
-    room = min(int(widths.sum()), int(1.01 / float(LADDER[-1])) + 1) + BLOCK
-    return rows, widths, pointers, room
+    def __init__(self, chunks: list[Any], scale: float, top_p: float):
+        from toxtests.nucleus import BLOCK, LADDER, MARGIN
+
+        rows = int(chunks[0].shape[0])
+        for chunk in chunks:
+            if (
+                chunk.dtype.itemsize != 4
+                or not chunk.dtype.is_floating_point
+                or chunk.device.type != "cpu"
+                or not chunk.is_contiguous()
+                or chunk.shape[0] != rows
+            ):
+                raise ValueError(
+                    "logit chunks must be contiguous float32 CPU blocks of the same rows"
+                )
+        self.rows = rows
+        self._widths = np.array([int(chunk.shape[1]) for chunk in chunks], dtype=np.int64)
+        self._pointers = (ctypes.c_void_p * len(chunks))(*[c.data_ptr() for c in chunks])
+        self._ladder = np.ascontiguousarray(LADDER, dtype=np.float32)
+        # At most 1/t tokens have p >= t (slack for a sum a rounding above 1), plus a
+        # block of slack for the block-wise writes.
+        self.room = min(int(self._widths.sum()), int(1.01 / float(LADDER[-1])) + 1) + BLOCK
+        self._count = len(chunks)
+        self._scale = scale
+        self._target = top_p + MARGIN
+
+    def arguments(self, first: int, last: int) -> tuple[Any, ...]:
+        return (
+            self._pointers, self._widths.ctypes.data, self._count, first, last, self._scale,
+            self._ladder.ctypes.data, len(self._ladder), self._target, self.room,
+        )  # fmt: skip
 
 
 def _split(run: Any, rows: int, threads: int) -> None:
@@ -185,12 +202,6 @@ def _loaded() -> ctypes.CDLL:
     return library
 
 
-def _ladder() -> np.ndarray:
-    from toxtests.nucleus import LADDER
-
-    return np.ascontiguousarray(LADDER, dtype=np.float32)
-
-
 def top_p_sample(
     chunks: list[Any], scale: float, top_p: float, uniforms: Any, threads: int = 1
 ) -> np.ndarray:
@@ -201,26 +212,23 @@ def top_p_sample(
     `chunks`: the logits as column chunks, contiguous float32 CPU tensors of the same
     rows in vocabulary order (`OutputHead.logit_chunks`).
     """
-    from toxtests.nucleus import MARGIN
-
     library = _loaded()
-    rows, widths, pointers, room = _layout(chunks)
+    layout = _Rows(chunks, scale, top_p)
     draws = np.ascontiguousarray(np.asarray(uniforms, dtype=np.float32))
-    if draws.shape != (rows,):
-        raise ValueError(f"one uniform per row expected: {rows} rows, uniforms {draws.shape}")
-    tokens = np.empty(rows, dtype=np.int64)
-    ladder = _ladder()
+    if draws.shape != (layout.rows,):
+        raise ValueError(
+            f"one uniform per row expected: {layout.rows} rows, uniforms {draws.shape}"
+        )
+    tokens = np.empty(layout.rows, dtype=np.int64)
 
     def run(first: int, last: int) -> int:
         return int(
             library.top_p_sample(
-                pointers, widths.ctypes.data, len(chunks), first, last, scale,
-                ladder.ctypes.data, len(ladder), top_p + MARGIN, room, top_p,
-                draws.ctypes.data, tokens.ctypes.data,
+                *layout.arguments(first, last), top_p, draws.ctypes.data, tokens.ctypes.data
             )
-        )  # fmt: skip
+        )
 
-    _split(run, rows, threads)
+    _split(run, layout.rows, threads)
     return tokens
 
 
@@ -230,24 +238,24 @@ def top_p_candidates(
     """(values, ids, found, rungs): `toxtests.nucleus.nucleus_candidates`'s result for
     softmax(logits * scale), plus each row's chosen rung (-1: none); for tests and
     comparisons, `top_p_sample` is the hot path."""
-    from toxtests.nucleus import MARGIN
-
     library = _loaded()
-    rows, widths, pointers, room = _layout(chunks)
+    layout = _Rows(chunks, scale, top_p)
+    rows, room = layout.rows, layout.room
     values = np.empty(rows * room, dtype=np.float32)
     ids = np.empty(rows * room, dtype=np.int32)
     counts = np.empty(rows, dtype=np.int64)
     chosen = np.empty(rows, dtype=np.float32)
-    ladder = _ladder()
 
     def run(first: int, last: int) -> int:
         return int(
             library.top_p_candidates(
-                pointers, widths.ctypes.data, len(chunks), first, last, scale,
-                ladder.ctypes.data, len(ladder), top_p + MARGIN, room,
-                values.ctypes.data, ids.ctypes.data, counts.ctypes.data, chosen.ctypes.data,
-            )
-        )  # fmt: skip
+                *layout.arguments(first, last),
+                values.ctypes.data,
+                ids.ctypes.data,
+                counts.ctypes.data,
+                chosen.ctypes.data,
+            )  # fmt: skip
+        )
 
     _split(run, rows, threads)
     width = max(1, int(counts.max(initial=0)))
