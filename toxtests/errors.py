@@ -37,3 +37,11 @@ class GenerationError(ToxtestsError, RuntimeError):
 
 class CacheCorruptionWarning(UserWarning):
     """A cache entry failed its checksum and was regenerated."""
+
+
+class EngineUnavailableError(ToxtestsError, ImportError):
+    """An engine's library is not installed (the message gives the install line)."""
+
+
+class EndpointError(GenerationError):
+    """An OpenAI-compatible server failed, timed out or answered something malformed."""

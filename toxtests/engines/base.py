@@ -1,0 +1,180 @@
+"""The seam between the gate and the engines that generate for it.
+
+The gate hands an engine prompts, a variant (the parent or one adapter) and the
+generation settings; the engine returns each prompt's continuations with their token
+counts. Seeds come from `toxtests.engines.crn`, so sample j of prompt p is drawn with
+the same seed under every variant on every engine. An engine describes itself
+(`EngineInfo`): the description is part of every cache key and of the report, so
+generations from different engines, versions, dtypes or samplers never mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from toxtests.config import GenerationConfig
+from toxtests.errors import GenerationError
+from toxtests.prompts import Prompt
+
+PARENT = "parent"
+
+# What an engine promises about pairing (the report's "pairing:" line).
+EXACT = "exact"  # common random numbers by construction: identical adapter => identical text
+SEEDED = "seeded"  # a seed per request; reproducibility is checked by replaying requests
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One continuation: sample `sample` of prompt `prompt_id`."""
+
+    prompt_id: str
+    sample: int
+    text: str
+    tokens: int  # new tokens generated, EOS excluded
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model variant the gate compares: the parent, or one adapter of it."""
+
+    name: str  # "parent", or the adapter's readable unique name (test ids, report)
+    index: int | None  # position among the adapters; None for the parent
+    spec: str | None  # as the user gave it (path, Hub id, served name)
+    fingerprint: str  # what identifies its outputs in cache keys ("parent" for the parent)
+
+    @property
+    def is_parent(self) -> bool:
+        return self.index is None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """How an engine generates; every field but `details` is part of the cache key."""
+
+    engine: str  # "torch", "vllm", "openai"
+    version: str  # the engine library's version, or the server's
+    dtype: str
+    device: str  # device kind: "cpu", "cuda", "remote"
+    sampler: str  # which sampling path draws the tokens
+    pairing: str  # EXACT or SEEDED
+    batch_invariant: bool  # a row's text does not depend on its batch-mates
+    details: dict[str, str] = field(default_factory=dict)  # report only (endpoint, ...)
+
+    def cache_identity(self) -> dict[str, str]:
+        return {
+            "engine": self.engine,
+            "version": self.version,
+            "dtype": self.dtype,
+            "device": self.device,
+            "sampler": self.sampler,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> EngineInfo:
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What every engine is built from; engine-specific fields are ignored by the others."""
+
+    model: str = "gemma3-270m"
+    adapters: tuple[str, ...] = ()
+    cache_dir: Path = Path(".")
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    # openai: the server and how to talk to it
+    endpoint: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    request_timeout: float = 120.0
+    max_retries: int = 4
+    # vllm: passed through to vllm.LLM (None: the engine's default)
+    tensor_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_lora_rank: int | None = None
+    max_model_len: int | None = None
+
+
+OnPromptDone = Callable[[int, list[Generation]], None]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the gate needs from a generation back-end.
+
+    Construction is cheap: weights load (or a server is contacted) on first use, so a
+    fully cached re-run never loads a model.
+    """
+
+    def describe(self) -> EngineInfo:
+        """The engine's identity for cache keys and the report."""
+        ...
+
+    def model_identity(self) -> dict[str, str]:
+        """The base model: at least spec, kind, fingerprint (for keys and the report)."""
+        ...
+
+    def variants(self) -> list[Variant]:
+        """The parent first, then one variant per adapter in the order given."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        variant: Variant,
+        settings: GenerationConfig,
+        on_prompt_done: OnPromptDone | None = None,
+    ) -> list[list[Generation]]:
+        """Continuations indexed [prompt][sample], in the order of `prompts`.
+
+        One variant per call and never two variants in one batch. `on_prompt_done(index,
+        samples)` is called in the caller's thread as soon as a prompt's samples are all
+        done, so the caller can cache work as it goes (an interrupted run keeps it).
+        Anything that is not a complete, well-formed continuation raises
+        `GenerationError` naming the prompt and the variant; nothing is ever returned
+        empty in its place.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free the model or connections; the engine may not be used afterwards."""
+        ...
+
+
+def render_prompt(tokenizer: Any, text: str, chat_template: bool) -> str:
+    """The prompt as the model sees it: plain, or wrapped in the tokenizer's template."""
+    if not chat_template:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError(
+            "generation.chat_template = true but the tokenizer has no chat template; "
+            "set it to false for base models"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def pairing_line(info: EngineInfo, replays: tuple[int, int] | None) -> str:
+    """The report's statement of how the parent and its adapters are paired."""
+    if info.pairing == EXACT:
+        return "pairing: exact (common random numbers)"
+    if replays is None or replays[1] == 0:
+        return "pairing: seeded per request, not checked"
+    identical, total = replays
+    if identical == total:
+        return f"pairing: seeded, {identical}/{total} replays identical"
+    return (
+        f"pairing: not reproducible ({identical}/{total} replays identical) — intervals "
+        "are still valid, the variance reduction is lost"
+    )
