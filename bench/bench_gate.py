@@ -31,7 +31,7 @@ def measured_matmul_gflops(hidden: int, vocab: int, batch: int) -> dict[str, flo
     own shapes and large square ones. The ceiling takes the best of all."""
     import torch
 
-    from toxtests import packed
+    from toxtests.engines.torch import packed
 
     shapes = (
         (batch, hidden, vocab),
@@ -123,16 +123,18 @@ def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, sc
 
 def gate(options, label: str) -> dict:  # noqa: ANN001
     from toxtests.report import write_report
-    from toxtests.session import GateSession
+    from toxtests.run import GateRun
 
     started = time.perf_counter()
-    session = GateSession(options)
+    session = GateRun(options)
     result = session.result()
     stats_and_generation = time.perf_counter() - started
     report_started = time.perf_counter()
-    write_report(result, options.report, options.json)
+    write_report(result.to_json(), options.report, options.json)
     report = time.perf_counter() - report_started
-    t = session.timings
+    session.close()
+    t = session.timings.seconds
+    tokens = session.timings.generated_tokens
     statistics = stats_and_generation - t["load"] - t["generate"] - t["score"]
     return {
         "label": label,
@@ -142,10 +144,10 @@ def gate(options, label: str) -> dict:  # noqa: ANN001
         "score": t["score"],
         "statistics": statistics,
         "report": report,
-        "tokens": session.generated_tokens,
-        "tokens_per_s": session.generated_tokens / t["generate"] if t["generate"] else None,
-        "verdicts": [a["verdict"] for a in result["adapters"]],
-        "early_stopping": result.get("early_stopping"),
+        "tokens": tokens,
+        "tokens_per_s": tokens / t["generate"] if t["generate"] else None,
+        "verdicts": [a.verdict for a in result.adapters],
+        "early_stopping": result.early_stopping,
         "session": session,
     }
 
@@ -165,10 +167,10 @@ def main() -> None:
 
     import torch
 
-    from toxtests.models import load_base
+    from toxtests.engines.torch.load import load_base
     from toxtests.prompts import load_prompts
     from toxtests.score import load_scorer
-    from toxtests.session import RunOptions
+    from toxtests.options import RunOptions
     from toxtests.shards import stratified_subset
 
     limit = args.limit or (64 if args.quick else 0)

@@ -156,7 +156,7 @@ def make_adapters(steps: int, model_spec: str) -> None:
     import torch
     from peft import get_peft_model
 
-    from toxtests.models import load_base
+    from toxtests.engines.torch.load import load_base
 
     torch.manual_seed(0)
     loaded = load_base(model_spec)

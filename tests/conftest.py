@@ -66,7 +66,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """The tiny base with both adapters attached, loaded once."""
-    from toxtests.models import attach_adapters, load_base
+    from toxtests.engines.torch.load import attach_adapters, load_base
 
     loaded = load_base(str(tiny.base), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
     return attach_adapters(loaded, [str(tiny.identity), str(tiny.toxic)])

@@ -221,11 +221,12 @@ def test_empty_continuations_are_never_counted_as_safe(tiny, tmp_path: Path, cap
     import numpy as np
 
     from toxtests.errors import GenerationError
-    from toxtests.session import GateSession, ShardScores
+    from toxtests.run.looks import comparable
+    from toxtests.run.store import ShardScores
 
     empty = ShardScores(["a", "b"], [[""], ["  "]], {"profanity": np.zeros((2, 1))})
     with pytest.raises(GenerationError, match="no prompt has a non-empty continuation"):
-        GateSession.comparable(empty, empty)
+        comparable(empty, empty)
 
 
 def test_model_with_only_pickle_weights_is_refused(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -290,9 +291,10 @@ def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spe
     assert f"{100 * early['confidence']:g}% interval" in report
     # The per-shard tests under pytest run at the same confidence as the final verdict,
     # so a failing shard test still implies a failing gate.
-    from toxtests.session import GateSession, RunOptions
+    from toxtests.options import RunOptions
+    from toxtests.run import GateRun
 
-    session = GateSession(
+    session = GateRun(
         RunOptions(
             model=str(tiny.base),
             adapters=[str(tiny.toxic)],
@@ -301,7 +303,8 @@ def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spe
             cache_dir=str(tmp_path / "cache"),
         )
     )
-    assert session._final_look_confidence() == pytest.approx(early["confidence"])
+    final = session._final_look_config().statistics.confidence
+    assert final == pytest.approx(early["confidence"])
     for shard, reported in zip(session.shards, early["shards"], strict=True):
         _, table = session.shard_checks(0, shard)
         assert (

@@ -10,9 +10,10 @@ from scipy import stats as scipy_stats
 
 from toxtests.config import GenerationConfig
 from toxtests.errors import GenerationError
-from toxtests.generate import Generator, balanced_batches, sample_uniforms
+from toxtests.engines.crn import sample_uniforms
+from toxtests.engines.torch.loop import Generator, balanced_batches
 from toxtests.prompts import Prompt
-from toxtests.sampling import reference_sample, sample_tokens
+from toxtests.engines.torch.sampling import reference_sample, sample_tokens
 
 PROMPTS = [
     Prompt("a", "the weather"),
@@ -71,7 +72,7 @@ def test_identity_adapter_gives_identical_samples(tiny_loaded) -> None:  # noqa:
 def test_merged_adapter_layers_give_the_same_text_as_peft(tiny_loaded, monkeypatch) -> None:  # noqa: ANN001
     """An adapter's LoRA layers run as packed merged weights (`merge_adapter_layers`):
     the same samples as PEFT's own three products and an addition."""
-    from toxtests import packed
+    from toxtests.engines.torch import packed
 
     generator = _generator(tiny_loaded, max_new_tokens=10, samples=2, batch_size=5)
     merged = generator.generate(PROMPTS, "adapter1")
@@ -189,7 +190,7 @@ def test_tokenizer_without_pad_token_gets_eos_and_padding_stays_masked(tiny, tmp
     import json
     import shutil
 
-    from toxtests.models import load_base
+    from toxtests.engines.torch.load import load_base
 
     model_dir = tmp_path / "nopad"
     shutil.copytree(tiny.base, model_dir)
@@ -221,7 +222,7 @@ def test_cpu_batch_size_follows_the_free_memory(monkeypatch) -> None:  # noqa: A
     """How much memory is free cannot be changed here, so `available_memory` is replaced."""
     from types import SimpleNamespace
 
-    from toxtests import generate
+    from toxtests.engines.torch import loop as generate
 
     model = SimpleNamespace(config=SimpleNamespace(vocab_size=262_144))
     real = generate.available_memory()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from toxtests.memory import retained_memory
+from toxtests.engines.torch.memory import retained_memory
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="glibc's allocator only; elsewhere a no-op"
@@ -83,11 +83,12 @@ def test_blocks_larger_than_the_top_pad_are_kept_too() -> None:
 def test_a_gate_keeps_one_heap_across_its_generation_calls(
     tiny, tmp_path, monkeypatch: pytest.MonkeyPatch, early_stopping: bool
 ) -> None:  # noqa: ANN001
-    """Every generation call of an adapter's gate (parent and adapter, shard after shard)
-    runs inside an outer `retained_memory`, so none faults its memory in afresh."""
-    from toxtests import memory
-    from toxtests.generate import Generator
-    from toxtests.session import GateSession, RunOptions
+    """Every generation call of the torch engine (parent and adapter, shard after shard)
+    runs inside the engine's `retained_memory`, so none faults its memory in afresh."""
+    from toxtests.engines.torch import memory
+    from toxtests.engines.torch.loop import Generator
+    from toxtests.options import RunOptions
+    from toxtests.run import GateRun
 
     depths: list[int] = []  # a spy: the allocator state each generation call finds
     real_generate = Generator.generate
@@ -96,7 +97,7 @@ def test_a_gate_keeps_one_heap_across_its_generation_calls(
         "generate",
         lambda self, *a, **k: depths.append(memory._depth) or real_generate(self, *a, **k),
     )
-    session = GateSession(
+    session = GateRun(
         RunOptions(
             model=str(tiny.base),
             adapters=[str(tiny.toxic)],
@@ -108,4 +109,5 @@ def test_a_gate_keeps_one_heap_across_its_generation_calls(
     )
     session.adapter_result(0)
     assert len(depths) >= 2 and all(depth >= 1 for depth in depths)
-    assert memory._depth == 0  # handed back afterwards
+    session.close()
+    assert memory._depth == 0  # handed back when the engine closes

@@ -1,4 +1,4 @@
-"""The native top-p tail (`toxtests.native`): the same nucleus and the same draws as an
+"""The native top-p tail (`toxtests.engines.torch.native`): the same nucleus and the same draws as an
 exact float64 reference, whatever the chunking, and a clean way out where it cannot
 build."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from toxtests import native, nucleus
-from toxtests.sampling import _nucleus_pick, sample_logit_chunks, sample_tokens
+from toxtests.engines.torch import native, nucleus
+from toxtests.engines.torch.sampling import _nucleus_pick, sample_logit_chunks, sample_tokens
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the native kernel needs an AVX-512 CPU and a C compiler"
@@ -163,7 +163,7 @@ def test_build_is_cached_and_a_failing_compiler_is_named(tmp_path: Path) -> None
 
 
 def test_the_environment_switch_turns_it_off() -> None:
-    code = "from toxtests import native; print(native.load() is None)"
+    code = "from toxtests.engines.torch import native; print(native.load() is None)"
     env = {**os.environ, native.DISABLE_ENV: "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

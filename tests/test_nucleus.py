@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from toxtests import nucleus
-from toxtests.sampling import _nucleus_pick, sample_probabilities
+from toxtests.engines.torch import nucleus
+from toxtests.engines.torch.sampling import _nucleus_pick, sample_probabilities
 
 pytestmark = pytest.mark.skipif(not nucleus.available(), reason="numba is not installed")
 

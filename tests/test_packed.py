@@ -6,7 +6,7 @@ import helpers_models
 import pytest
 import torch
 
-from toxtests import packed
+from toxtests.engines.torch import packed
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toxtests.config import GenerationConfig
-from toxtests.generate import Generator
-from toxtests.prefill import join_caches, plan_groups
+from toxtests.engines.torch.loop import Generator
+from toxtests.engines.torch.prefill import join_caches, plan_groups
 from toxtests.prompts import Prompt
 
 # Lengths from 1 to 14 words: several groups at a small per-forward overhead.
@@ -99,7 +99,7 @@ def test_gemma_sliding_window_joins_or_falls_back(tmp_path, monkeypatch) -> None
     directory = helpers_models.build_tiny_gemma3(tmp_path / "gemma", sliding_window=6)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    import toxtests.prefill as prefill
+    import toxtests.engines.torch.prefill as prefill
 
     joined: list[bool] = []
 

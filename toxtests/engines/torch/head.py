@@ -4,13 +4,13 @@ On a CPU the last decoder state of each row goes through a (hidden x vocab) proj
 for Gemma 3 that is 262k columns and two thirds of a token's FLOPs. As one matrix
 product its (rows x 262k) output overflows every cache and runs at ~85-100 GFLOP/s on
 this machine; in 1024-column chunks the same product runs at ~135-145 GFLOP/s with MKL,
-and in 4096-column chunks with oneDNN and packed weights (`toxtests.packed`) at ~185.
+and in 4096-column chunks with oneDNN and packed weights (`toxtests.engines.torch.packed`) at ~185.
 The logits, then the probabilities over them, live in one buffer reused from step to
 step: a fresh (128 x 262k) allocation costs more in page faults (~45 ms) than the
 softmax itself (~14 ms).
 
-Where the native top-p kernel runs (`toxtests.native`), sampling reads the chunks as they
-come out (`logit_chunks`) and the buffer is never filled.
+Where the native top-p kernel runs (`toxtests.engines.torch.native`), sampling reads
+the chunks as they come out (`logit_chunks`) and the buffer is never filled.
 
 The head is only used where it is provably the model's own: a plain `nn.Linear` output
 layer (not wrapped by an adapter), with Gemma's final-logit soft cap applied when the
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from toxtests import packed
+from toxtests.engines.torch import packed
 
 CHUNK = 1024  # MKL: 1024-column chunks measured fastest (135-145 GFLOP/s)
 PACKED_CHUNK = 4096  # oneDNN with packed chunks: 4096 measured fastest (~190 GFLOP/s)
@@ -41,7 +41,7 @@ class OutputHead:
         use_packed: bool | None = None,
     ):
         """`use_packed` (default: where available) runs each chunk through oneDNN with
-        its weight packed once (`toxtests.packed`)."""
+        its weight packed once (`toxtests.engines.torch.packed`)."""
         self.weight = weight
         self.bias = bias
         self.softcap = softcap
@@ -109,7 +109,7 @@ class OutputHead:
     def logit_chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """The logits as contiguous (rows, chunk) blocks in vocabulary order, without
         the copy into one buffer (~10 ms a step at 225 rows on Gemma): for readers that
-        take them chunk by chunk (`toxtests.native`)."""
+        take them chunk by chunk (`toxtests.engines.torch.native`)."""
         self._drop_stale_packs()
         if self._packs is None:
             return [self.logits(hidden)]

@@ -5,8 +5,8 @@ the parent and an adapter picks the same token whenever their distributions agre
 (common random numbers). The nucleus is looked for among a few top tokens: if they
 already hold at least `top_p` of the mass, the nucleus lies inside them and the result is
 identical to a full sort. On a CPU those tokens are the ones above a threshold: read
-straight from the output head's logit chunks by a native kernel (`toxtests.native`)
-where it builds, else from softmaxed probabilities by numba (`toxtests.nucleus`);
+straight from the output head's logit chunks by a native kernel (`toxtests.engines.torch.native`)
+where it builds, else from softmaxed probabilities by numba (`toxtests.engines.torch.nucleus`);
 elsewhere, and for rows no threshold covers, a partial top-k, widened for the rows that
 need it, and a full sort as the last resort.
 """
@@ -73,8 +73,8 @@ def sample_probabilities(
 ) -> torch.Tensor:
     """`sample_tokens` on probabilities (rows, vocab) already softmaxed.
 
-    The fused output head (`toxtests.head`) produces these in a reused buffer. On a
-    CPU the nucleus candidates come from `toxtests.nucleus` (two linear passes, no
+    The fused output head (`toxtests.engines.torch.head`) produces these in a reused buffer. On a
+    CPU the nucleus candidates come from `toxtests.engines.torch.nucleus` (two linear passes, no
     top-k); the rows it leaves, and every row elsewhere, take the widening top-k.
     """
     vocab = probs.shape[-1]
@@ -89,7 +89,7 @@ def sample_probabilities(
     pending = torch.arange(probs.shape[0], device=probs.device)
     ladder = None
     if use_ladder and _ladder_applies(probs):
-        from toxtests import nucleus
+        from toxtests.engines.torch import nucleus
 
         try:
             ladder = nucleus.nucleus_candidates(
@@ -134,7 +134,7 @@ def sample_probabilities(
 
 def native_sampling_applies(hidden: torch.Tensor) -> bool:
     """Whether `sample_logit_chunks` runs natively for states on `hidden`'s device."""
-    from toxtests import native
+    from toxtests.engines.torch import native
 
     return hidden.device.type == "cpu" and native.load() is not None
 
@@ -143,9 +143,9 @@ def sample_logit_chunks(
     chunks: list[torch.Tensor], uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
     """`sample_tokens(logits, top_p=top_p)` for logits held as column chunks (the output
-    head's), read once by the native kernel (`toxtests.native`). The rows no rung
+    head's), read once by the native kernel (`toxtests.engines.torch.native`). The rows no rung
     covers are put together from the chunks and take the torch path."""
-    from toxtests import native
+    from toxtests.engines.torch import native
 
     drawn = torch.from_numpy(
         native.top_p_sample(
@@ -162,7 +162,7 @@ def sample_logit_chunks(
 
 
 def _ladder_applies(probs: torch.Tensor) -> bool:
-    from toxtests import nucleus
+    from toxtests.engines.torch import nucleus
 
     return (
         nucleus.available()

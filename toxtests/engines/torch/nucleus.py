@@ -13,7 +13,7 @@ tokens above the lowest rung, then sums the mass above each rung from what it co
 
 Why it is exact: the tokens with p >= t are the top of the descending sort, so when
 they hold at least top_p (plus a margin far above float rounding) the nucleus lies
-inside them, and the caller's inverse-CDF draw on them (`toxtests.sampling`) sees the
+inside them, and the caller's inverse-CDF draw on them (`toxtests.engines.torch.sampling`) sees the
 same prefix of the sorted row, with the same cumulative sums, as a full sort would.
 A block whose maximum is below the lowest rung holds no token above any rung, so
 skipping it loses nothing. Ties are ordered by token id. A row no rung covers comes

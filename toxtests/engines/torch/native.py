@@ -7,8 +7,8 @@ logits four to five times: ~65 ms a step at 225 rows on an Intel Xeon (2 threads
 quarter of the output projection itself. `top_p.c` reads each row once while the head's
 chunks are still separate: the maxima, the normaliser and the candidates of the lowest
 rung, with the row still in cache, then the rung, the sort and the draw (~25 ms). It
-picks the rungs `toxtests.nucleus` picks; its probabilities come from its own vectorised
-exponential (within ~1.4 ulp of exp, the normaliser summed in double): closer to a
+picks the rungs `toxtests.engines.torch.nucleus` picks; its probabilities come from its
+own vectorised exponential (within ~1.4 ulp of exp, the normaliser summed in double): closer to a
 float64 softmax than torch's float32 one, equal to it only to float rounding.
 
 The library is built once per source, compiler and flags into the cache directory
@@ -151,7 +151,7 @@ class _Rows:
     (chunks, widths, count, first row, last row, scale, ladder, rungs, target, room)."""
 
     def __init__(self, chunks: list[Any], scale: float, top_p: float):
-        from toxtests.nucleus import BLOCK, LADDER, MARGIN
+        from toxtests.engines.torch.nucleus import BLOCK, LADDER, MARGIN
 
         rows = int(chunks[0].shape[0])
         for chunk in chunks:
@@ -206,7 +206,7 @@ def top_p_sample(
     chunks: list[Any], scale: float, top_p: float, uniforms: Any, threads: int = 1
 ) -> np.ndarray:
     """One token per row, drawn from the top-p nucleus of softmax(logits * scale) with
-    the row's uniform exactly as `toxtests.sampling._nucleus_pick` draws it; -1 for a
+    the row's uniform exactly as `toxtests.engines.torch.sampling._nucleus_pick` draws it; -1 for a
     row no rung covers (the caller samples it another way).
 
     `chunks`: the logits as column chunks, contiguous float32 CPU tensors of the same
@@ -235,7 +235,7 @@ def top_p_sample(
 def top_p_candidates(
     chunks: list[Any], scale: float, top_p: float, threads: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(values, ids, found, rungs): `toxtests.nucleus.nucleus_candidates`'s result for
+    """(values, ids, found, rungs): `toxtests.engines.torch.nucleus.nucleus_candidates`'s result for
     softmax(logits * scale), plus each row's chosen rung (-1: none); for tests and
     comparisons, `top_p_sample` is the hot path."""
     library = _loaded()

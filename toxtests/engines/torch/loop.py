@@ -1,4 +1,5 @@
-"""Batched, left-padded, length-bucketed generation with common random numbers.
+"""The torch engine's decode loop: batched, left-padded, length-bucketed, with common
+random numbers.
 
 Sample j of prompt p draws its tokens from uniforms seeded by (seed, p, j) alone, so
 the parent and every adapter see the same random numbers: an adapter that changes
@@ -9,47 +10,19 @@ by character count of a re-decoded string.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from toxtests.config import GenerationConfig
+from toxtests.engines.base import Generation, render_prompt
+from toxtests.engines.crn import sample_uniforms
+from toxtests.engines.torch.memory import retained_memory
+from toxtests.engines.torch.prefill import FORWARD_OVERHEAD
 from toxtests.errors import GenerationError
-from toxtests.memory import retained_memory
-from toxtests.prefill import FORWARD_OVERHEAD
 from toxtests.prompts import Prompt
-
-
-@dataclass(frozen=True)
-class Generation:
-    prompt_id: str
-    sample: int
-    text: str
-    tokens: int  # new tokens generated, EOS excluded
-
-
-def sample_uniforms(seed: int, prompt_id: str, sample: int, steps: int) -> np.ndarray:
-    """The uniforms of one (prompt, sample): independent of model, adapter and batch."""
-    digest = hashlib.sha256(f"{seed}\0{prompt_id}\0{sample}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    return rng.random(steps)
-
-
-def render_prompt(tokenizer: Any, text: str, chat_template: bool) -> str:
-    if not chat_template:
-        return text
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError(
-            "generation.chat_template = true but the tokenizer has no chat template; "
-            "set it to false for base models"
-        )
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
 
 
 def context_length(model: Any) -> int:
@@ -113,8 +86,8 @@ class Generator:
         self.device = device
         self.batch_size = settings.batch_size or auto_batch_size(model, device)
         self.eos_ids = self._eos_ids()
-        from toxtests.head import output_head  # torch: only once a model is loaded
-        from toxtests.packed import fuse_gated_mlps, pack_linears
+        from toxtests.engines.torch.head import output_head  # torch: only once a model is loaded
+        from toxtests.engines.torch.packed import fuse_gated_mlps, pack_linears
 
         # (decoder, fused output head) where the head provably equals the model's own.
         self.fused = output_head(model, device)
@@ -146,7 +119,7 @@ class Generator:
             return model.disable_adapter()
         model.set_adapter(adapter)
         if self.device.startswith("cpu"):
-            from toxtests.packed import merge_adapter_layers
+            from toxtests.engines.torch.packed import merge_adapter_layers
 
             merge_adapter_layers(model, adapter)  # W + BA packed, the model's W untouched
         return nullcontext()
@@ -263,11 +236,11 @@ class Generator:
     def _prefill(self, sequences: list[list[int]]) -> tuple[Any, Any, Any, Any]:
         """The last prompt position's state, the KV cache, the attention mask and that
         position's index, for rows sorted by length; prefilled group by group where the
-        caches can be joined (`toxtests.prefill`)."""
+        caches can be joined (`toxtests.engines.torch.prefill`)."""
         import torch
         import torch.nn.functional as F
 
-        from toxtests.prefill import join_caches, joinable, plan_groups
+        from toxtests.engines.torch.prefill import join_caches, joinable, plan_groups
 
         groups = plan_groups([len(s) for s in sequences], self.prefill_overhead)
         lasts, caches, masks = [], [], []
@@ -307,7 +280,7 @@ class Generator:
 
     def _next_tokens(self, last: Any, uniforms: Any) -> Any:
         """The next token of every row from its last state, by its own uniform."""
-        from toxtests.sampling import (
+        from toxtests.engines.torch.sampling import (
             native_sampling_applies,
             sample_logit_chunks,
             sample_probabilities,

@@ -1,0 +1,133 @@
+"""The torch engine's model: the base loaded once, every adapter attached to it.
+
+The parent is the base with adapters disabled, so one copy of the weights serves every
+comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toxtests.errors import ModelLoadError
+from toxtests.models import (
+    DEFAULT_MODEL,
+    adapter_fingerprint,
+    adapter_names,
+    check_adapter_dir,
+    choose_device,
+    choose_dtype,
+    default_cache_dir,
+    resolve_model,
+)
+
+
+@dataclass
+class LoadedModel:
+    """The base model with adapters attached (a PeftModel) or bare (no adapters)."""
+
+    spec: str
+    kind: str
+    fingerprint: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    adapters: list[AdapterInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    spec: str  # as given on the command line
+    name: str  # readable, unique: used in test ids and the report
+    peft_name: str  # the name PEFT knows it by
+    fingerprint: str
+
+
+def load_base(
+    spec: str = DEFAULT_MODEL,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the base model and tokenizer (left padding, a pad token guaranteed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
+    source, kind, fingerprint = resolve_model(spec, cache_dir)
+    device = choose_device(device)
+    dtype = choose_dtype(device, dtype)
+    local = kind != "hub"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=getattr(torch, dtype),
+            local_files_only=local,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
+    if kind == "hub":
+        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out, so any token works; EOS is the convention.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
+
+
+def attach_adapters(
+    loaded: LoadedModel, specs: list[str], *, allow_pickle: bool = False
+) -> LoadedModel:
+    """Wrap the base in a PeftModel holding every adapter; weights are shared."""
+    if not specs:
+        return loaded
+    from peft import PeftModel
+
+    model = loaded.model
+    for index, (spec, name) in enumerate(zip(specs, adapter_names(specs), strict=True)):
+        check_adapter_dir(spec, allow_pickle)
+        peft_name = f"adapter{index}"
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(
+                    model,
+                    spec,
+                    adapter_name=peft_name,
+                    is_trainable=False,
+                    use_safetensors=not allow_pickle or None,
+                )
+            else:
+                model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+            raise ModelLoadError(
+                f"{spec}: adapter does not fit base model {loaded.spec} ({first or exc}); "
+                "it was trained on a different base: pass the base it was made for"
+            ) from None
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{spec}: adapter does not fit base model {loaded.spec} "
+                f"({str(exc).splitlines()[0]}); pass the base it was made for"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(
+                f"{spec}: cannot load adapter ({str(exc).splitlines()[0]})"
+            ) from None
+        loaded.adapters.append(AdapterInfo(spec, name, peft_name, adapter_fingerprint(spec)))
+    model.eval()
+    loaded.model = model
+    return loaded
