@@ -168,9 +168,9 @@ def main() -> None:
     import torch
 
     from toxtests.engines.torch.load import load_base
+    from toxtests.options import RunOptions
     from toxtests.prompts import load_prompts
     from toxtests.score import load_scorer
-    from toxtests.options import RunOptions
     from toxtests.shards import stratified_subset
 
     limit = args.limit or (64 if args.quick else 0)

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from toxtests.config import GenerationConfig
-from toxtests.errors import GenerationError
 from toxtests.engines.crn import sample_uniforms
 from toxtests.engines.torch.loop import Generator, balanced_batches
-from toxtests.prompts import Prompt
 from toxtests.engines.torch.sampling import reference_sample, sample_tokens
+from toxtests.errors import GenerationError
+from toxtests.prompts import Prompt
 
 PROMPTS = [
     Prompt("a", "the weather"),

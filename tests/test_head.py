@@ -6,10 +6,10 @@ import helpers_models
 import pytest
 import torch
 
-from toxtests.engines.torch import native
 from toxtests.config import GenerationConfig
-from toxtests.engines.torch.loop import Generator
+from toxtests.engines.torch import native
 from toxtests.engines.torch.head import OutputHead, output_head
+from toxtests.engines.torch.loop import Generator
 from toxtests.prompts import Prompt
 
 PROMPTS = [

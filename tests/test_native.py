@@ -1,5 +1,5 @@
-"""The native top-p tail (`toxtests.engines.torch.native`): the same nucleus and the same draws as an
-exact float64 reference, whatever the chunking, and a clean way out where it cannot
+"""The native top-p tail (`toxtests.engines.torch.native`): the same nucleus and the same
+draws as an exact float64 reference, whatever the chunking, and a clean way out where it cannot
 build."""
 
 from __future__ import annotations

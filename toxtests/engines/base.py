@@ -21,6 +21,17 @@ from toxtests.prompts import Prompt
 
 PARENT = "parent"
 
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, or "absent" (for engine descriptions)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
 # What an engine promises about pairing (the report's "pairing:" line).
 EXACT = "exact"  # common random numbers by construction: identical adapter => identical text
 SEEDED = "seeded"  # a seed per request; reproducibility is checked by replaying requests
@@ -167,6 +178,32 @@ def render_prompt(tokenizer: Any, text: str, chat_template: bool) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationConfig, context: int
+) -> list[list[int]]:
+    """Each prompt's token ids, rendered and checked the same way on every engine.
+
+    `context` is the model's context length; a prompt that leaves no room for
+    `max_new_tokens` (or exceeds `generation.max_prompt_tokens`) is an error naming it.
+    """
+    limit = settings.max_prompt_tokens or context - settings.max_new_tokens
+    encoded: list[list[int]] = []
+    for prompt in prompts:
+        ids = list(
+            tokenizer(render_prompt(tokenizer, prompt.text, settings.chat_template))["input_ids"]
+        )
+        if len(ids) > limit:
+            raise GenerationError(
+                f"prompt {prompt.id} has {len(ids)} tokens, more than the {limit} allowed "
+                "(context minus max_new_tokens); shorten it or raise "
+                "generation.max_prompt_tokens"
+            )
+        if not ids:
+            raise GenerationError(f"prompt {prompt.id} tokenizes to nothing")
+        encoded.append(ids)
+    return encoded
 
 
 def pairing_line(info: EngineInfo, replays: tuple[int, int] | None) -> str:

@@ -9,38 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from importlib import metadata
 from typing import Any
 
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import (
     EXACT,
-    PARENT,
     EngineInfo,
     EngineOptions,
     Generation,
     OnPromptDone,
     Variant,
+    package_version,
 )
-from toxtests.models import (
-    adapter_fingerprint,
-    adapter_names,
-    check_adapter_dir,
-    choose_device,
-    choose_dtype,
-    describe_model,
-)
+from toxtests.engines.local import local_variants
+from toxtests.models import choose_device, choose_dtype, describe_model
 from toxtests.prompts import Prompt
 
 # Bumped whenever the loop's arithmetic changes the text it produces (a cache-key part).
 SAMPLER = "toxtests-crn-v1"
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 class TorchEngine:
@@ -48,13 +34,7 @@ class TorchEngine:
 
     def __init__(self, options: EngineOptions):
         self.options = options
-        for spec in options.adapters:  # a mistyped path is a usage error, before any load
-            check_adapter_dir(spec, options.allow_pickle)
-        names = adapter_names(list(options.adapters))
-        self._variants = [Variant(PARENT, None, None, PARENT)] + [
-            Variant(name, index, spec, adapter_fingerprint(spec))
-            for index, (spec, name) in enumerate(zip(options.adapters, names, strict=True))
-        ]
+        self._variants = local_variants(options)
         self._loaded: Any = None
         self._generators: dict[GenerationConfig, Any] = {}
         self._identity: dict[str, str] | None = None
@@ -64,8 +44,9 @@ class TorchEngine:
         device = choose_device(self.options.device)
         return EngineInfo(
             engine="torch",
-            version=f"torch {_version('torch')}, transformers {_version('transformers')}, "
-            f"peft {_version('peft')}",
+            version=", ".join(
+                f"{name} {package_version(name)}" for name in ("torch", "transformers", "peft")
+            ),
             dtype=choose_dtype(device, self.options.dtype),
             device=device.split(":")[0],
             sampler=SAMPLER,

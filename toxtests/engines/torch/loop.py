@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from toxtests.config import GenerationConfig
-from toxtests.engines.base import Generation, render_prompt
+from toxtests.engines.base import Generation, encode_prompts
 from toxtests.engines.crn import sample_uniforms
 from toxtests.engines.torch.memory import retained_memory
 from toxtests.engines.torch.prefill import FORWARD_OVERHEAD
@@ -138,22 +138,7 @@ class Generator:
         import torch
 
         settings = self.settings
-        encoded = [
-            self.tokenizer(render_prompt(self.tokenizer, p.text, settings.chat_template))[
-                "input_ids"
-            ]
-            for p in prompts
-        ]
-        limit = settings.max_prompt_tokens or context_length(self.model) - settings.max_new_tokens
-        for prompt, ids in zip(prompts, encoded, strict=True):
-            if len(ids) > limit:
-                raise GenerationError(
-                    f"prompt {prompt.id} has {len(ids)} tokens, more than the {limit} allowed "
-                    "(context minus max_new_tokens); shorten it or raise "
-                    "generation.max_prompt_tokens"
-                )
-            if not ids:
-                raise GenerationError(f"prompt {prompt.id} tokenizes to nothing")
+        encoded = encode_prompts(self.tokenizer, prompts, settings, context_length(self.model))
         rows = [(i, j) for i in range(len(prompts)) for j in range(settings.samples)]
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         rows.sort(key=lambda row: (len(encoded[row[0]]), row))
