@@ -134,3 +134,21 @@ def test_truncated_and_unserved_errors_name_the_request_and_the_endpoint(
     code, _ = gate(tmp_path, server.url, "--adapter", "not-served", *small, cache="f")
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "'not-served'" in line and "identity, toxic" in line
+
+
+def test_xdist_workers_share_one_server(server: Server, pytester: pytest.Pytester) -> None:
+    out = pytester.path / "out"
+    result = pytester.runpytest_subprocess(
+        "--tox-engine", "openai", "--tox-endpoint", server.url, "--tox-adapter", "identity",
+        "--tox-thresholds", str(REPO / "thresholds.toml"), "--tox-limit", "24",
+        "--tox-no-early-stopping", "--tox-cache-dir", str(out / "cache"),
+        "--tox-json", str(out / "results.json"), "--tox-report", str(out / "report.html"),
+        "-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["*identity: PASS*", "*engine: openai*replays identical*"])
+    saved = json.loads((out / "results.json").read_text())
+    (identity,) = saved["adapters"]
+    assert identity["verdict"] == "pass"
+    assert all(m["delta"] == 0.0 for m in identity["metrics"].values())
+    assert saved["engine"]["engine"] == "openai" and saved["pairing"]["identical"] == 16
