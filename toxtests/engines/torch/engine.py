@@ -112,7 +112,9 @@ class TorchEngine:
     ) -> list[list[Generation]]:
         generator = self.generator(settings)
         peft_name = None if variant.index is None else self.loaded.adapters[variant.index].peft_name
-        return generator.generate(prompts, peft_name, on_prompt_done=on_prompt_done)  # type: ignore[no-any-return]
+        return generator.generate(  # type: ignore[no-any-return]
+            prompts, peft_name, on_prompt_done=on_prompt_done, label=variant.name
+        )
 
     def close(self) -> None:
         self._generators.clear()

@@ -76,6 +76,35 @@ def balanced_batches(count: int, largest: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
+class NonFiniteLogits(Exception):
+    """Rows of a batch whose next-token state holds NaN or inf (raised inside a batch)."""
+
+    def __init__(self, rows: list[int], step: int):
+        super().__init__(rows, step)
+        self.rows, self.step = rows, step
+
+
+def check_finite(last: Any, step: int) -> None:
+    """Stop at the first NaN or inf: sampling from it would draw a silently wrong token
+    (or trip a device assert), and fp16 overflow or a broken adapter produce exactly that."""
+    import torch
+
+    bad = ~torch.isfinite(last).all(dim=-1)
+    if bool(bad.any()):
+        raise NonFiniteLogits(bad.nonzero().flatten().tolist(), step)
+
+
+def non_finite_error(prompt_ids: list[str], step: int, adapter: str | None) -> GenerationError:
+    ids = sorted(set(prompt_ids))
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return GenerationError(
+        f"NaN or infinite logits at new token {step + 1} for prompt {shown} under "
+        f"{adapter or 'the parent'}: in float16 this is usually an overflow (try --dtype "
+        f"bfloat16 or float32); otherwise the {'adapter' if adapter else 'model'}'s "
+        "weights are broken"
+    )
+
+
 class Generator:
     """Generates continuations for prompts under the parent or one adapter."""
 
@@ -129,8 +158,11 @@ class Generator:
         prompts: Sequence[Prompt],
         adapter: str | None,
         on_prompt_done: Callable[[int, list[Generation]], None] | None = None,
+        label: str | None = None,
     ) -> list[list[Generation]]:
         """Continuations indexed [prompt][sample], in the order of `prompts`.
+
+        `label` names the variant in errors (the user's adapter name, not PEFT's).
 
         `on_prompt_done(index, samples)` is called as soon as a prompt's last sample is
         generated, so a caller can store work as it goes (an interrupted run keeps it).
@@ -146,13 +178,19 @@ class Generator:
         with torch.inference_mode(), retained_memory(), self._adapter_context(adapter):
             for start, end in balanced_batches(len(rows), self.batch_size):
                 batch = rows[start:end]
-                texts, counts = self._generate_batch(
-                    [encoded[i] for i, _ in batch],
-                    [
-                        sample_uniforms(settings.seed, prompts[i].id, j, settings.max_new_tokens)
-                        for i, j in batch
-                    ],
-                )
+                try:
+                    texts, counts = self._generate_batch(
+                        [encoded[i] for i, _ in batch],
+                        [
+                            sample_uniforms(
+                                settings.seed, prompts[i].id, j, settings.max_new_tokens
+                            )
+                            for i, j in batch
+                        ],
+                    )
+                except NonFiniteLogits as fault:
+                    ids = [prompts[batch[row][0]].id for row in fault.rows]
+                    raise non_finite_error(ids, fault.step, label or adapter) from None
                 for (i, j), text, count in zip(batch, texts, counts, strict=True):
                     results[i][j] = Generation(prompts[i].id, j, text, count)
                     row = results[i]
@@ -186,6 +224,7 @@ class Generator:
                     position_ids=positions,
                     past_key_values=cache,
                 )
+            check_finite(last, step)
             tokens = self._next_tokens(last, draws[:, step])
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             generated.append(tokens)

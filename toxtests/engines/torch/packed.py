@@ -115,7 +115,12 @@ def unpack_linears(model: torch.nn.Module) -> None:
 
 
 def _matches(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether a fused or merged path's probe output is the module's own, to rounding."""
+    """Whether a fused or merged path's probe output is the module's own, to rounding.
+
+    A probe that is not finite (NaN weights) never matches: the ordinary path then runs
+    and the decode loop reports the NaN, naming the prompt."""
+    if not (bool(torch.isfinite(expected).all()) and bool(torch.isfinite(got).all())):
+        return False
     scale = float(expected.abs().max()) or 1.0
     return got.shape == expected.shape and torch.allclose(
         got, expected, rtol=1e-4, atol=1e-5 * scale
