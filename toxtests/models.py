@@ -208,11 +208,34 @@ def adapter_names(specs: list[str]) -> list[str]:
     return names
 
 
+def hub_revision(spec: str) -> str:
+    """The commit a Hub id resolves to: asked of the Hub, or offline the local snapshot.
+
+    An id alone is not an identity: a repository pushed to after a run would otherwise
+    share that run's cached generations."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        sha = HfApi().model_info(spec).sha
+        if sha:
+            return str(sha)
+    except Exception:  # offline, unknown repository, no access: try the local copy
+        pass
+    try:
+        return Path(snapshot_download(spec, local_files_only=True)).name
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{spec}: cannot tell which revision of this Hub adapter to use "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); download "
+            "it once with a network, or give a local adapter directory"
+        ) from None
+
+
 def adapter_fingerprint(spec: str) -> str:
     path = Path(spec)
     if path.is_dir():
         return fingerprint_tree(path, (".safetensors", ".bin", ".json"))[:16]
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{spec}@{hub_revision(spec)}".encode()).hexdigest()[:16]
 
 
 def check_adapter_dir(spec: str, allow_pickle: bool) -> None:

@@ -234,7 +234,11 @@ class OpenAIEngine:
             names = adapter_names([local or model.id for model, local in resolved])
             self._variants = [Variant(PARENT, None, None, PARENT)]
             for index, ((model, local), name) in enumerate(zip(resolved, names, strict=True)):
-                fingerprint = adapter_fingerprint(local) if local else _weights_fingerprint(model)
+                fingerprint = (
+                    adapter_fingerprint(local)
+                    if local and Path(local).is_dir()
+                    else _weights_fingerprint(model)
+                )
                 self._variants.append(Variant(name, index, model.id, fingerprint))
                 self._served_names[name] = model.id
         return list(self._variants)

@@ -25,8 +25,19 @@ from toxtests.engines.local import local_variants
 from toxtests.models import choose_device, choose_dtype, describe_model
 from toxtests.prompts import Prompt
 
-# Bumped whenever the loop's arithmetic changes the text it produces (a cache-key part).
-SAMPLER = "toxtests-crn-v1"
+# The generation format: bumped whenever the loop's arithmetic changes the text it
+# produces, so a cache written by an earlier version is never read as this one's.
+SAMPLER = "toxtests-crn-v2"
+
+
+def sampling_path(device: str) -> str:
+    """Which top-p path draws on `device`: the C kernel and the numba path agree to
+    rounding, not bit for bit (1 draw in ~9,000 differed), so they never share a key."""
+    if not device.startswith("cpu"):
+        return "torch"
+    from toxtests.engines.torch import native
+
+    return "native" if native.load() is not None else "numba"
 
 
 class TorchEngine:
@@ -49,7 +60,7 @@ class TorchEngine:
             ),
             dtype=choose_dtype(device, self.options.dtype),
             device=device.split(":")[0],
-            sampler=SAMPLER,
+            sampler=f"{SAMPLER}/{sampling_path(device)}",
             pairing=EXACT,
             batch_invariant=False,
         )
