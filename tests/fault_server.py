@@ -13,9 +13,9 @@ API key), where what matters is what was sent and what comes back over real HTTP
 slow tests run the same faults in front of a real vLLM server.
 
 Faults are queued per completion request: `faults` is consumed one entry per request
-("ok", an HTTP status such as "500" or "429", "drop", "slow", "truncated", "two-choices", "no-text",
-"unfinished", "short", "no-usage"); with `fault_every=N` every Nth request gets
-`repeat_fault` instead.
+("ok", an HTTP status such as "500" or "429", "drop", "cut" (a body cut off), "slow",
+"truncated", "two-choices", "no-text", "unfinished", "short", "no-usage"); with
+`fault_every=N` every Nth request gets `repeat_fault` instead.
 """
 
 from __future__ import annotations
@@ -163,6 +163,16 @@ class FaultServer:
             def _answer(self, fault: str, data: bytes, body: dict[str, Any]) -> None:
                 if fault.isdigit():  # an HTTP status: "500", "503", "429", "401" ...
                     self._send(int(fault), b'{"error": {"message": "injected fault"}}')
+                    return
+                if fault == "cut":  # headers promise a body the connection never finishes
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "4096")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
                     return
                 if fault == "drop":
                     self.close_connection = True

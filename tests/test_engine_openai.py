@@ -113,7 +113,9 @@ def test_api_key_goes_in_the_header_and_nowhere_else(monkeypatch: pytest.MonkeyP
     assert secret not in json.dumps(info.to_json())
 
 
-@pytest.mark.parametrize("faults", [["500"], ["429", "503"], ["drop"], ["drop", "500", "429"]])
+@pytest.mark.parametrize(
+    "faults", [["500"], ["429", "503"], ["drop"], ["cut"], ["drop", "500", "429", "cut"]]
+)
 def test_retryable_faults_are_retried_and_change_nothing(faults: list[str]) -> None:
     with FaultServer(models=MODELS) as clean:
         engine = engine_for(clean)
@@ -124,6 +126,15 @@ def test_retryable_faults_are_retried_and_change_nothing(faults: list[str]) -> N
         got = engine.generate(PROMPTS, engine.variants()[1], settings())
     assert got == expected
     assert len(server.bodies) == len(PROMPTS) * 2 + len(faults)
+
+
+@pytest.mark.parametrize("fault", ["cut", "drop"])
+def test_a_connection_that_keeps_dropping_is_an_endpoint_error(fault: str) -> None:
+    with FaultServer(models=MODELS, fault_every=1, repeat_fault=fault) as server:
+        engine = engine_for(server, max_retries=1, concurrency=1)
+        with pytest.raises(EndpointError) as caught:
+            engine.generate(PROMPTS[:1], engine.variants()[0], settings(samples=1))
+    assert "prompt p0 sample 0 of parent" in str(caught.value) and server.url in str(caught.value)
 
 
 def test_a_server_that_keeps_failing_is_an_error_naming_the_request_and_endpoint() -> None:

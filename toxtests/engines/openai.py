@@ -16,6 +16,7 @@ Only the standard library talks HTTP: one dependency fewer for a CI job.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -113,7 +114,13 @@ class OpenAIEngine:
             if exc.code in RETRY_STATUSES:
                 raise RetryableError(f"HTTP {exc.code} {detail}") from None
             raise EndpointError(f"HTTP {exc.code} from {url}: {detail}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,  # a reply cut off mid-body (IncompleteRead), ...
+            ConnectionError,
+            TimeoutError,
+            OSError,
+        ) as exc:
             reason = getattr(exc, "reason", exc)
             raise RetryableError(f"{type(exc).__name__}: {reason}") from None
         try:
