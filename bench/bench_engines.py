@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
                 "generate": seconds["generate"],
                 "tokens": run.timings.generated_tokens,
                 "verdicts": [a.verdict for a in result.adapters],
-                "identity_deltas": [m.delta for m in result.adapters[0].metrics.values()],
+                "identity_deltas": [m["delta"] for m in result.adapters[0].metrics.values()],
             }
         ),
         flush=True,
