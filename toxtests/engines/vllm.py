@@ -28,7 +28,9 @@ from toxtests.engines.base import (
     Generation,
     OnPromptDone,
     Variant,
+    decode_until_stop,
     encode_prompts,
+    eos_token_ids,
     package_version,
 )
 from toxtests.engines.crn import request_seed
@@ -85,17 +87,9 @@ def stop_token_ids(model_dir: str, tokenizer: Any) -> list[int]:
     `generation_config="vllm"` makes vLLM ignore the file, and with it the extra
     end-of-turn ids of chat models; they are passed back explicitly.
     """
-    ids: set[int] = set()
-    values: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
     path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        values.append(json.loads(path.read_text()).get("eos_token_id"))
-    for value in values:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
+    configured = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return eos_token_ids(getattr(tokenizer, "eos_token_id", None), configured)
 
 
 class VllmEngine:
@@ -282,14 +276,10 @@ class VllmEngine:
                 f"vLLM returned no finished continuation for prompt {prompt.id} sample {sample} "
                 f"of {variant.name} (finish_reason {finish!r}); see vLLM's log above"
             )
-        kept: list[int] = []
-        stops = set(self._stop_ids)
-        for token in completions[0].token_ids:
-            if token in stops:
-                break
-            kept.append(int(token))
-        text = self._tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(prompt.id, sample, text, len(kept))
+        text, count = decode_until_stop(
+            self._tokenizer, completions[0].token_ids, set(self._stop_ids)
+        )
+        return Generation(prompt.id, sample, text, count)
 
     def generate(
         self,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from toxtests.config import GenerationConfig
-from toxtests.engines.base import Generation, encode_prompts
+from toxtests.engines.base import Generation, decode_until_stop, encode_prompts, eos_token_ids
 from toxtests.engines.crn import sample_uniforms
 from toxtests.engines.torch.memory import retained_memory
 from toxtests.engines.torch.prefill import FORWARD_OVERHEAD
@@ -128,14 +128,10 @@ class Generator:
         self.prefill_overhead = FORWARD_OVERHEAD
 
     def _eos_ids(self) -> list[int]:
-        ids = set()
-        for source in (self.tokenizer, getattr(self.model, "generation_config", None)):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return sorted(ids)
+        config = getattr(self.model, "generation_config", None)
+        return eos_token_ids(
+            getattr(self.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)
+        )
 
     def _adapter_context(self, adapter: str | None) -> Any:
         """The parent is the base with adapters disabled; an adapter is switched in."""
@@ -232,16 +228,9 @@ class Generator:
             if bool(finished.all()):
                 break
         new_tokens = torch.stack(generated, dim=1).tolist()
-        texts, counts = [], []
         eos_set = set(self.eos_ids)
-        for row in new_tokens:
-            kept: list[int] = []
-            for token in row:
-                if token in eos_set:
-                    break
-                kept.append(token)
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
-            counts.append(len(kept))
+        decoded = [decode_until_stop(self.tokenizer, row, eos_set) for row in new_tokens]
+        texts, counts = [text for text, _ in decoded], [count for _, count in decoded]
         return texts, counts
 
     def _padded(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
