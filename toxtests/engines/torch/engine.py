@@ -27,7 +27,8 @@ from toxtests.prompts import Prompt
 
 # The generation format: bumped whenever the loop's arithmetic changes the text it
 # produces, so a cache written by an earlier version is never read as this one's.
-SAMPLER = "toxtests-crn-v2"
+# v3: attention over each row's own positions (batch-invariant on the CPU).
+SAMPLER = "toxtests-crn-v3"
 
 
 def sampling_path(device: str) -> str:
@@ -38,6 +39,12 @@ def sampling_path(device: str) -> str:
     from toxtests.engines.torch import native
 
     return "native" if native.load() is not None else "numba"
+
+
+def _batch_invariant(device: str, dtype: str) -> bool:
+    from toxtests.engines.torch.attention import batch_invariant
+
+    return batch_invariant(device, dtype)
 
 
 class TorchEngine:
@@ -53,16 +60,17 @@ class TorchEngine:
 
     def describe(self) -> EngineInfo:
         device = choose_device(self.options.device)
+        dtype = choose_dtype(device, self.options.dtype)
         return EngineInfo(
             engine="torch",
             version=", ".join(
                 f"{name} {package_version(name)}" for name in ("torch", "transformers", "peft")
             ),
-            dtype=choose_dtype(device, self.options.dtype),
+            dtype=dtype,
             device=device.split(":")[0],
             sampler=f"{SAMPLER}/{sampling_path(device)}",
             pairing=EXACT,
-            batch_invariant=False,
+            batch_invariant=_batch_invariant(device, dtype),
         )
 
     def model_identity(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ by character count of a re-decoded string.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -19,10 +20,22 @@ import numpy as np
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import Generation, decode_until_stop, encode_prompts, eos_token_ids
 from toxtests.engines.crn import sample_uniforms
+from toxtests.engines.torch.attention import (
+    LAYOUT_KEYWORD,
+    RowLayout,
+    batch_invariant,
+    row_attention_applies,
+    row_attention_on,
+)
 from toxtests.engines.torch.memory import retained_memory
 from toxtests.engines.torch.prefill import FORWARD_OVERHEAD
 from toxtests.errors import GenerationError
 from toxtests.prompts import Prompt
+
+
+def _dtype_name(model: Any) -> str:
+    parameter = next(iter(model.parameters()), None)
+    return str(parameter.dtype).removeprefix("torch.") if parameter is not None else ""
 
 
 def context_length(model: Any) -> int:
@@ -126,12 +139,48 @@ class Generator:
             pack_linears(model, skip=(output_layer,) if output_layer is not None else ())
             fuse_gated_mlps(model)
         self.prefill_overhead = FORWARD_OVERHEAD
+        # Each row's own arithmetic whatever its batch-mates (`attention`): on the CPU in
+        # float32, where the packed linear layers are row-invariant too.
+        self.row_attention = row_attention_applies(model, device) and self._rows_invariant()
+        if not self.row_attention and batch_invariant(device, _dtype_name(model)):
+            warnings.warn(
+                "this model's attention does not go through transformers' attention "
+                "interface (or uses a logit soft cap), so its text can depend on the batch "
+                "size: pin generation.batch_size to compare runs",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _eos_ids(self) -> list[int]:
         config = getattr(self.model, "generation_config", None)
         return eos_token_ids(
             getattr(self.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)
         )
+
+    def _attention(self) -> Any:
+        return row_attention_on(self.model) if self.row_attention else nullcontext()
+
+    def _rows_invariant(self) -> bool:
+        """Whether a probe row gets the same bits alone and beside a longer one: the
+        model's attention really goes through `row_attention` (a model with its own
+        attention code would not), and nothing else mixes the rows."""
+        import torch
+
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if vocab < 8:
+            return False
+        short, long = [3, 5, 7], [4, 6, 2, 5, 7, 3, 1]
+        short, long = [t % vocab for t in short], [t % vocab for t in long]
+        self.row_attention = True
+        try:
+            with torch.inference_mode(), self._attention():
+                together, _, _, _ = self._prefill([short, long])
+                alone, _, _, _ = self._prefill([short])
+        except Exception:  # noqa: BLE001 - a model this cannot drive keeps its own attention
+            return False
+        finally:
+            self.row_attention = False
+        return bool(torch.equal(together[0], alone[0]))
 
     def _adapter_context(self, adapter: str | None) -> Any:
         """The parent is the base with adapters disabled; an adapter is switched in."""
@@ -171,7 +220,12 @@ class Generator:
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         rows.sort(key=lambda row: (len(encoded[row[0]]), row))
         results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
-        with torch.inference_mode(), retained_memory(), self._adapter_context(adapter):
+        with (
+            torch.inference_mode(),
+            retained_memory(),
+            self._adapter_context(adapter),
+            self._attention(),
+        ):
             for start, end in balanced_batches(len(rows), self.batch_size):
                 batch = rows[start:end]
                 try:
@@ -207,6 +261,7 @@ class Generator:
         draws = torch.tensor(np.stack(uniforms), dtype=torch.float32, device=self.device)
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
         last, cache, attention, positions = self._prefill(sequences)
+        layout = self._layout(sequences, attention.shape[1])
         finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
         tokens = last  # replaced by each step's tokens before it is read
@@ -214,11 +269,13 @@ class Generator:
             if step:
                 positions = positions + 1
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+                layout = layout.advanced() if layout is not None else None
                 last, cache = self._forward(
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=attention,
                     position_ids=positions,
                     past_key_values=cache,
+                    layout=layout,
                 )
             check_finite(last, step)
             tokens = self._next_tokens(last, draws[:, step])
@@ -260,7 +317,10 @@ class Generator:
         for start, end in groups:
             input_ids, attention, positions = self._padded(sequences[start:end])
             last, cache = self._forward(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                layout=self._layout(sequences[start:end], attention.shape[1]),
             )
             lasts.append(last)
             caches.append(cache)
@@ -273,7 +333,10 @@ class Generator:
         if joined is None:
             input_ids, attention, positions = self._padded(sequences)
             last, cache = self._forward(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                layout=self._layout(sequences, attention.shape[1]),
             )
             if joinable(cache):  # one group: its cache, with room for the decode steps
                 cache = join_caches([cache], [attention.shape[1]], room) or cache
@@ -283,8 +346,15 @@ class Generator:
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         return torch.cat(lasts), joined, attention, lengths.unsqueeze(-1) - 1
 
-    def _forward(self, **inputs: Any) -> tuple[Any, Any]:
+    def _layout(self, sequences: list[list[int]], width: int) -> RowLayout | None:
+        if not self.row_attention:
+            return None
+        return RowLayout.left_padded([len(s) for s in sequences], width)
+
+    def _forward(self, layout: RowLayout | None = None, **inputs: Any) -> tuple[Any, Any]:
         """The last position's hidden state (fused head) or logits, and the KV cache."""
+        if layout is not None:
+            inputs[LAYOUT_KEYWORD] = layout
         if self.fused is None:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1, :], out.past_key_values

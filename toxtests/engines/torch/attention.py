@@ -1,0 +1,210 @@
+"""Attention that gives each row the same arithmetic whatever its batch-mates.
+
+A left-padded batch hands every row's attention the batch's width: SDPA then reduces
+over that width (masked positions included) in blocks that depend on it, so a prompt's
+hidden states change in their last bits with the padding, which is to say with the
+batch it happened to land in (measured on Gemma 3 270M: 22 of 24 prompts' last states
+changed between alone and in a batch; sampling then turns some of those bits into
+other tokens). Here each run of rows that share a start position attends only to its
+real positions, exactly as it would alone: the kernel sees the row's own length and
+nothing else. The linear layers are already row-invariant on the CPU (oneDNN's packed
+products give each row the same bits for any number of rows, and any thread count).
+
+The layout travels with the forward call as the keyword `toxtests_layout` (transformers
+passes unknown keywords through to the attention function); without one the function is
+plain SDPA, so the model behaves as usual outside the decode loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NAME = "toxtests_rows"
+LAYOUT_KEYWORD = "toxtests_layout"
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row's real positions start in a left-padded batch.
+
+    `starts[b]`: the first real position of row b, counted in the full sequence the
+    batch has seen (prompt rectangle plus decode steps); `width`: that sequence's
+    length after this forward's tokens. A sliding-window cache that dropped its oldest
+    positions is recognised by holding fewer than `width` of them.
+    """
+
+    starts: tuple[int, ...]
+    width: int
+
+    @classmethod
+    def left_padded(cls, lengths: Sequence[int], width: int) -> RowLayout:
+        return cls(tuple(width - length for length in lengths), width)
+
+    def advanced(self, steps: int = 1) -> RowLayout:
+        return RowLayout(self.starts, self.width + steps)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first row, end row, start) of each run of consecutive rows with one start."""
+        runs: list[tuple[int, int, int]] = []
+        for row, start in enumerate(self.starts):
+            if runs and runs[-1][2] == start:
+                runs[-1] = (runs[-1][0], row + 1, start)
+            else:
+                runs.append((row, row + 1, start))
+        return runs
+
+
+def row_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (batch, heads, q, dim) in, the
+    output as (batch, q, heads, dim) out."""
+    layout: RowLayout | None = kwargs.pop(LAYOUT_KEYWORD, None)
+    if layout is None or dropout or kwargs.get("softcap") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(  # type: ignore[no-any-return]
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    groups = heads // key.shape[1]
+    dropped = layout.width - kv_len  # positions a sliding window no longer holds
+    out = query.new_zeros(batch, heads, q_len, value.shape[-1])
+    for first, end, start in layout.runs():
+        real_from = max(start - dropped, 0)  # the row's first real key still held
+        queries_from = max(real_from - (kv_len - q_len), 0)
+        keys_from = real_from
+        if sliding_window and q_len == 1:  # a decode step sees the last `window` keys
+            keys_from = max(keys_from, kv_len - sliding_window)
+        rows_q = query[first:end, :, queries_from:]
+        rows_k, rows_v = key[first:end, :, keys_from:], value[first:end, :, keys_from:]
+        out[first:end, :, queries_from:] = _attend(
+            rows_q, rows_k, rows_v, groups, scaling, sliding_window
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    groups: int,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of rows that share one layout, no padding left in q or k.
+
+    SDPA's math kernel (products, softmax, products): it gives a row the same bits in a
+    call of any number of rows. Its fused CPU kernel does not for small heads (measured:
+    head size 16 or 32, 12-23 of 34 rows differed between alone and batched)."""
+    rows, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    if q_len == 1:  # a decode step: a group's heads are its queries, and no mask
+        packed = query.reshape(rows, heads // groups, groups, dim)
+        result = _math(packed, key, value, None, False, scaling)
+        return result.reshape(rows, heads, 1, value.shape[-1])
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    lag = k_len - q_len  # keys before the first query (a cache prefilled earlier)
+    if not lag and (not window or q_len <= window):
+        return _math(query, key, value, None, True, scaling)
+    q_pos = torch.arange(q_len, device=query.device).unsqueeze(-1) + lag
+    k_pos = torch.arange(k_len, device=query.device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window:
+        allowed &= q_pos - k_pos < window
+    # The math kernel adds a mask: a boolean one must become 0 / -inf first.
+    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    return _math(query, key, value, mask.masked_fill_(~allowed, float("-inf")), False, scaling)
+
+
+def _math(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float | None,
+) -> torch.Tensor:
+    out, _ = torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling
+    )
+    return out  # type: ignore[no-any-return]
+
+
+def register() -> None:
+    """Make `NAME` an attention implementation transformers can dispatch to (with the
+    SDPA mask builder, for calls that carry no layout)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def _configs(model: Any) -> Iterator[Any]:
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            yield config
+
+
+@contextmanager
+def row_attention_on(model: Any) -> Iterator[None]:
+    """Dispatch `model`'s attention to `row_attention` for the duration."""
+    register()
+    configs = list(_configs(model))
+    before = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        for config, implementation in zip(configs, before, strict=True):
+            config._attn_implementation = implementation
+
+
+def row_attention_applies(model: Any, device: str) -> bool:
+    """Where rows can be made invariant: float32 on the CPU with oneDNN's packed linears
+    (MKL's products differ for one to three rows), and attention without a logit soft
+    cap (which SDPA cannot apply)."""
+    from toxtests.engines.torch import packed
+
+    config = getattr(model, "config", None)
+    parameter = next(iter(model.parameters()), None)
+    return (
+        device.startswith("cpu")
+        and parameter is not None
+        and parameter.dtype == torch.float32
+        and not getattr(config, "attn_logit_softcapping", None)
+        and packed.available()
+    )
+
+
+def batch_invariant(device: str, dtype: str) -> bool:
+    """Whether a row's text cannot depend on its batch: float32 on the CPU, where the
+    linear layers run through oneDNN's row-invariant packed products and attention
+    through `row_attention`. GPU kernels choose their reductions by shape, so there it
+    is not promised."""
+    if not device.startswith("cpu") or dtype != "float32":
+        return False
+    from toxtests.engines.torch import packed
+
+    return packed.available()
