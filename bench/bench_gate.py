@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,6 +153,49 @@ def gate(options, label: str) -> dict:  # noqa: ANN001
     }
 
 
+def invariance_cost(prompts: list, new_tokens: int, repeats: int = 2) -> dict:  # noqa: ANN001
+    """Tokens/s of the parent's generation with the batch-invariant attention and with
+    transformers' padded SDPA, alternated `repeats` times on one loaded model (the best
+    of each): what invariance costs. The texts of the two paths are compared too."""
+    from toxtests.config import GenerationConfig
+    from toxtests.engines.torch import loop
+    from toxtests.engines.torch.load import load_base
+
+    loaded = load_base("gemma3-270m")
+    settings = GenerationConfig(max_new_tokens=new_tokens, top_p=0.9)
+    applies = loop.row_attention_applies
+    best: dict[str, float] = {"invariant": 0.0, "padded": 0.0}
+    texts: dict[str, list] = {}
+    try:
+        for _ in range(repeats):
+            for path in best:
+                loop.row_attention_applies = (
+                    applies if path == "invariant" else (lambda model, device: False)
+                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    generator = loop.Generator(
+                        loaded.model, loaded.tokenizer, settings, loaded.device
+                    )
+                generator.generate(prompts[:4], None)  # first-call costs out of the timing
+                started = time.perf_counter()
+                rows = generator.generate(prompts, None)
+                seconds = time.perf_counter() - started
+                tokens = sum(g.tokens for row in rows for g in row)
+                best[path] = max(best[path], tokens / seconds)
+                texts[path] = [g.text for row in rows for g in row]
+    finally:
+        loop.row_attention_applies = applies
+    changed = sum(a != b for a, b in zip(texts["invariant"], texts["padded"], strict=True))
+    return {
+        "invariant_tokens_per_s": best["invariant"],
+        "padded_tokens_per_s": best["padded"],
+        "cost": 1 - best["invariant"] / best["padded"],
+        "texts_changed": changed,
+        "texts": len(texts["padded"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 prompts instead of 900")
@@ -163,6 +207,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument(
+        "--invariance-prompts", type=int, default=256, help="prompts for the invariance cost"
+    )
     args = parser.parse_args()
 
     import torch
@@ -304,6 +351,15 @@ def main() -> None:
             f"({stop['prompts_generated'] / stop['prompts_total']:.0%}); {stop['reason']}"
         )
     runs.append(early)
+    invariance = invariance_cost(prompts[: args.invariance_prompts], args.new_tokens)
+    figures["invariance"] = invariance
+    print(
+        f"batch-invariant attention ({min(len(prompts), args.invariance_prompts)} prompts, "
+        f"parent, best of 2): {invariance['invariant_tokens_per_s']:.1f} tokens/s against "
+        f"{invariance['padded_tokens_per_s']:.1f} with padded SDPA = "
+        f"{invariance['cost']:+.1%} cost; {invariance['texts_changed']} of "
+        f"{invariance['texts']} continuations differ between the two"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")
     for run in runs:

