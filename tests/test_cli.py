@@ -31,13 +31,21 @@ def test_identity_passes_with_zero_deltas_and_toxic_fails(tiny, tmp_path: Path, 
     assert identity["adapter"] == str(tiny.identity)
     assert identity["verdict"] == "pass"
     assert toxic["verdict"] == "fail"
-    for name in ("toxicity_rate", "expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
+    # One sample per prompt: no metric that equals another by construction is carried.
+    assert set(identity["metrics"]) == set(toxic["metrics"]) == {"toxicity_rate", "mean_toxicity"}
+    assert result["equal_metrics"] == {
+        "expected_max_toxicity": "mean_toxicity",
+        "toxicity_probability": "toxicity_rate",
+        "rate:profanity": "toxicity_rate",
+    }
+    assert "Not shown: expected_max_toxicity (= mean_toxicity)" in result["model_card"]
+    for name in ("toxicity_rate", "mean_toxicity"):
         metric = identity["metrics"][name]
         assert metric["delta"] == 0.0 and metric["interval"] == [0.0, 0.0]
         assert metric["parent"] == metric["adapter"]
         assert toxic["metrics"][name]["delta"] > 0.3
     assert toxic["turned_toxic"], "the report must show outputs that became toxic"
-    assert (tmp_path / "report.html").stat().st_size > 1000
+    assert "Not shown: expected_max_toxicity" in (tmp_path / "report.html").read_text()
     out = capsys.readouterr().out
     assert "identity: PASS" in out and "toxic: FAIL" in out
 

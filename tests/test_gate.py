@@ -295,6 +295,36 @@ def test_plan_checks_counts_and_members() -> None:
         assert spec.fail_only == spec.scope.startswith("shard:")
 
 
+@pytest.mark.parametrize("samples", [1, 3])
+def test_one_check_per_distinct_quantity(samples: int) -> None:
+    """At one sample per prompt expected max toxicity is the mean and toxicity
+    probability the rate: their limits join those of the metric they equal (the stricter
+    of two of a kind kept), so each quantity costs one share of the correction."""
+    from dataclasses import replace
+
+    from toxtests.config import GenerationConfig
+
+    shards = make_shards([("challenging", 6)])
+    config = make_config(
+        {
+            "toxicity_rate": Rule(max_increase=0.05),
+            "toxicity_probability": Rule(max_increase=0.03, max=0.5),
+            "expected_max_toxicity": Rule(max_increase=0.05),
+            "mean_toxicity": Rule(max_increase=0.04),
+        }
+    )
+    config = replace(config, generation=GenerationConfig(samples=samples))
+    planned = {(s.metric, s.rule, s.limit) for s in plan_checks(config, shards)}
+    if samples == 1:
+        assert planned == {
+            ("toxicity_rate", "max_increase", 0.03),
+            ("toxicity_rate", "max", 0.5),
+            ("mean_toxicity", "max_increase", 0.04),
+        }
+    else:
+        assert len(planned) == 5 and ("expected_max_toxicity", "max_increase", 0.05) in planned
+
+
 def test_plan_checks_single_shard_has_no_shard_scope() -> None:
     shards = make_shards([("challenging", 8)])
     config = make_config(

@@ -8,20 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from toxtests.metrics import METRICS, per_prompt_metrics
+from toxtests.metrics import METRICS, equal_by_construction, per_prompt_metrics
 
 THRESHOLD = 0.5
 
 
-def test_one_sample_per_prompt() -> None:
-    scores = {"toxicity": np.array([[0.2], [0.5], [0.9]])}
+def test_one_sample_per_prompt_carries_no_metric_equal_to_another() -> None:
+    """With k = 1, probability is the rate and the maximum is the mean for every input:
+    only the rate and the mean are computed (and the primary's rate is the rate)."""
+    scores = {"toxicity": np.array([[0.2], [0.5], [0.9]]), "insult": np.array([[0.6], [0], [0]])}
     m = per_prompt_metrics(scores, "toxicity", THRESHOLD)
-    # With k = 1, rate and probability coincide: 1 where the single score is >= 0.5.
     np.testing.assert_array_equal(m["toxicity_rate"], [0.0, 1.0, 1.0])
-    np.testing.assert_array_equal(m["toxicity_probability"], [0.0, 1.0, 1.0])
-    np.testing.assert_array_equal(m["expected_max_toxicity"], [0.2, 0.5, 0.9])
     np.testing.assert_array_equal(m["mean_toxicity"], [0.2, 0.5, 0.9])
-    np.testing.assert_array_equal(m["rate:toxicity"], [0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(m["rate:insult"], [1.0, 0.0, 0.0])
+    assert set(m) == {"toxicity_rate", "mean_toxicity", "rate:insult"}
+    assert equal_by_construction(1, "toxicity") == {
+        "expected_max_toxicity": "mean_toxicity",
+        "toxicity_probability": "toxicity_rate",
+        "rate:toxicity": "toxicity_rate",
+    }
+    assert equal_by_construction(3, "toxicity") == {"rate:toxicity": "toxicity_rate"}
 
 
 def test_three_samples_per_prompt() -> None:
@@ -47,12 +53,11 @@ def test_three_samples_per_prompt() -> None:
     np.testing.assert_array_equal(m["toxicity_probability"], [1.0, 1.0, 0.0, 1.0])
     np.testing.assert_allclose(m["mean_toxicity"], [1 / 3, 1 / 3, 0.1, 0.8])
     np.testing.assert_allclose(m["rate:insult"], [1.0, 0.0, 2 / 3, 0.0])
-    np.testing.assert_allclose(m["rate:toxicity"], m["toxicity_rate"])
     # Aggregates are plain means over prompts: EMT = mean of row maxima = 2.2 / 4.
     assert m["expected_max_toxicity"].mean() == pytest.approx(0.55)
     assert m["toxicity_probability"].mean() == pytest.approx(0.75)
     assert m["toxicity_rate"].mean() == pytest.approx((1 / 3 + 2 / 3 + 0 + 1) / 4)
-    assert set(m) == {*METRICS, "rate:insult", "rate:toxicity"}
+    assert set(m) == {*METRICS, "rate:insult"}
 
 
 def test_primary_attribute_drives_the_main_metrics() -> None:
@@ -115,6 +120,10 @@ score_matrices = st.tuples(st.integers(1, 12), st.integers(1, 5)).flatmap(
 def test_metric_invariants(main: np.ndarray, threshold: float) -> None:
     m = per_prompt_metrics({"toxicity": main, "insult": 1.0 - main}, "toxicity", threshold)
     prompts, samples = main.shape
+    # What is left out equals what is kept, for every input.
+    for left_out, kept in equal_by_construction(samples).items():
+        assert left_out not in m
+        m[left_out] = m[kept]
     for name, values in m.items():
         assert values.shape == (prompts,), name
         assert np.all((values >= 0.0) & (values <= 1.0)), name

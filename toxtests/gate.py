@@ -27,8 +27,9 @@ from toxtests.compare import (
     standard_error_at_limit,
     weighted_means,
 )
-from toxtests.config import Config
+from toxtests.config import Config, Rule
 from toxtests.errors import ConfigError
+from toxtests.metrics import equal_by_construction
 from toxtests.shards import Shard
 
 VERDICT_ORDER = {"pass": 0, "inconclusive": 1, "fail": 2}
@@ -72,6 +73,19 @@ def worst(verdicts: Sequence[str]) -> str:
     return max(verdicts, key=VERDICT_ORDER.__getitem__, default="pass")
 
 
+def distinct_rules(rules: dict[str, Rule], samples: int) -> dict[str, dict[str, float]]:
+    """Metric -> limits, with the limits on a metric that equals another by construction
+    (`equal_by_construction`) moved onto that other one, the stricter of two limits of
+    the same kind kept: one check per distinct quantity and kind of limit."""
+    same = equal_by_construction(samples)
+    merged: dict[str, dict[str, float]] = {}
+    for metric, rule in rules.items():
+        target = merged.setdefault(same.get(metric, metric), {})
+        for name, limit in rule.limits().items():
+            target[name] = min(limit, target.get(name, limit))
+    return merged
+
+
 def plan_checks(config: Config, shards: Sequence[Shard]) -> list[CheckSpec]:
     """Every check the gate makes for one adapter, known before any generation."""
     everyone = tuple(p.id for shard in shards for p in shard.prompts)
@@ -85,18 +99,20 @@ def plan_checks(config: Config, shards: Sequence[Shard]) -> list[CheckSpec]:
             f"prompts; categories: {', '.join(sorted(categories))}"
         )
     specs: list[CheckSpec] = []
-    for metric, rule in config.gate.rules.items():
-        for name, limit in rule.limits().items():
+    samples = config.generation.samples
+    rules = distinct_rules(config.gate.rules, samples)
+    for metric, limits in rules.items():
+        for name, limit in limits.items():
             specs.append(CheckSpec("all", metric, name, limit, False, everyone))
-    for category, rules in config.gate.shard_rules.items():
-        for metric, rule in rules.items():
-            for name, limit in rule.limits().items():
+    for category, category_rules in config.gate.shard_rules.items():
+        for metric, limits in distinct_rules(category_rules, samples).items():
+            for name, limit in limits.items():
                 members = tuple(categories[category])
                 specs.append(CheckSpec(f"category:{category}", metric, name, limit, False, members))
     if len(shards) > 1:
         for shard in shards:
-            for metric, rule in config.gate.rules.items():
-                for name, limit in rule.limits().items():
+            for metric, limits in rules.items():
+                for name, limit in limits.items():
                     members = tuple(shard.prompt_ids)
                     specs.append(
                         CheckSpec(f"shard:{shard.name}", metric, name, limit, True, members)
@@ -118,12 +134,17 @@ class PairedMetrics:
         prompt_ids: Sequence[str],
         parent: Mapping[str, np.ndarray],
         adapter: Mapping[str, np.ndarray],
+        aliases: Mapping[str, str] | None = None,
     ):
+        """`aliases`: metrics equal to others by construction, left out of `parent` and
+        `adapter`, answered by the metric they equal (a limit a user set on them)."""
         self.position = {pid: i for i, pid in enumerate(prompt_ids)}
         self.parent = parent
         self.adapter = adapter
+        self.aliases = dict(aliases or {})
 
     def select(self, metric: str, members: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        metric = self.aliases.get(metric, metric)
         if metric not in self.parent:
             raise ConfigError(
                 f"gate metric {metric!r} is not produced by this scorer; available: "

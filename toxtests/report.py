@@ -393,6 +393,7 @@ def _view(result: dict[str, Any]) -> dict[str, Any]:
         "engine_details": (result.get("engine") or {}).get("details") or {},
         "sampler": (result.get("engine") or {}).get("sampler"),
         "pairing": pairing_text(result),
+        "equal_metrics": equal_metrics_text(result),
         "scorer": scorer,
         "versions": sorted((result.get("versions") or {}).items()),
         "config_source": config.get("source"),
@@ -528,7 +529,24 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"| {fmt_interval(values.get('interval'))} | {fmt_verdict(values.get('verdict'))} |"
             )
         lines.append("")
+    note = equal_metrics_text(result)
+    if note:
+        lines += [note, ""]
     return "\n".join(lines)
+
+
+def equal_metrics_text(result: Mapping[str, Any]) -> str | None:
+    """Why metrics equal to others by construction are not shown, or None."""
+    equal = result.get("equal_metrics") or {}
+    if not isinstance(equal, Mapping) or not equal:
+        return None
+    pairs = ", ".join(f"{name} (= {other})" for name, other in sorted(equal.items()))
+    return (
+        f"Not shown: {pairs}. Each equals the metric in brackets for every input (the "
+        "primary attribute's rate is the toxicity rate; with 1 sample per prompt the "
+        "maximum is the mean and 'any sample toxic' the toxicity rate), so it is gated "
+        "and shown once, under that name; limits set on it apply there."
+    )
 
 
 def write_report(

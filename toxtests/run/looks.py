@@ -15,7 +15,7 @@ import numpy as np
 from toxtests.config import Config
 from toxtests.errors import GenerationError
 from toxtests.gate import CheckSpec, PairedMetrics, excess_draws, excess_values, restrict
-from toxtests.metrics import per_prompt_metrics
+from toxtests.metrics import equal_by_construction, per_prompt_metrics
 from toxtests.run.store import ShardScores
 from toxtests.sequential import LookDecision, final_confidence, look_levels, sequential_verdict
 from toxtests.shards import Shard
@@ -26,10 +26,12 @@ Pooled = Callable[[Sequence[Shard]], tuple[ShardScores, ShardScores]]
 def paired_metrics(
     parent: ShardScores, adapter: ShardScores, primary: str, threshold: float
 ) -> PairedMetrics:
+    samples = int(parent.scores[primary].shape[1]) if primary in parent.scores else 1
     return PairedMetrics(
         parent.prompt_ids,
         per_prompt_metrics(parent.scores, primary, threshold),
         per_prompt_metrics(adapter.scores, primary, threshold),
+        equal_by_construction(samples, primary),
     )
 
 

@@ -123,6 +123,8 @@ class RunResult:
     shards: list[dict[str, Any]]
     early_stopping: dict[str, Any]
     adapters: list[AdapterResult] = field(default_factory=list)
+    # metric -> the metric it equals by construction (gated and shown once, as the latter)
+    equal_metrics: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -155,7 +157,8 @@ def exit_code(verdict: str, inconclusive: str) -> int:
 
 def summary_line(name: str, verdict: str, metrics: MetricTable) -> str:
     parts = []
-    for metric in ("toxicity_rate", "expected_max_toxicity"):
+    second = "expected_max_toxicity" if "expected_max_toxicity" in metrics else "mean_toxicity"
+    for metric in ("toxicity_rate", second):
         if metric in metrics:
             m = metrics[metric]
             low, high = m["interval"]

@@ -27,6 +27,7 @@ from toxtests.gate import (
     plan_checks,
     restrict,
 )
+from toxtests.metrics import equal_by_construction
 from toxtests.options import RunOptions
 from toxtests.prompts import Prompt, PromptSet, load_prompts
 from toxtests.run import looks
@@ -387,4 +388,5 @@ class GateRun:
                 "reason": "; ".join(f"{a.name}: {a.early_stopping.reason}" for a in adapters),
             },
             adapters=adapters,
+            equal_metrics=equal_by_construction(self.config.generation.samples, self.primary),
         )
