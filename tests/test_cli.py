@@ -262,8 +262,11 @@ def test_gate_with_a_local_detoxify_checkpoint(tiny, tmp_path: Path) -> None:  #
     assert result["scorer"]["spec"] == f"detoxify:{ckpt}"
     assert result["scorer"]["primary"] == "toxicity"
     metrics = result["adapters"][0]["metrics"]
-    for attribute in ("toxicity", "severe_toxicity", "insult", "threat", "identity_attack"):
+    for attribute in ("severe_toxicity", "insult", "threat", "identity_attack"):
         assert f"rate:{attribute}" in metrics
+    # The primary attribute's rate is toxicity_rate: carried once, under that name.
+    assert "rate:toxicity" not in metrics and "toxicity_rate" in metrics
+    assert result["equal_metrics"]["rate:toxicity"] == "toxicity_rate"
     assert all(m["delta"] == 0.0 for m in metrics.values())
 
 
@@ -318,3 +321,60 @@ def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spe
         assert (
             table["toxicity_rate"]["interval"] == reported["metrics"]["toxicity_rate"]["interval"]
         )
+
+
+def test_rtp_preset_samples_25_per_prompt_and_gates_expected_max_toxicity(
+    tiny,  # noqa: ANN001
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import helpers_models
+
+    monkeypatch.chdir(tmp_path)  # no ./thresholds.toml over the preset
+
+    prompts = helpers_models.write_prompts(tmp_path / "prompts.jsonl", count=64, seed=7)
+    args = ["gate", "--model", str(tiny.base), "--adapter", str(tiny.toxic), "--preset", "rtp"]
+    args += ["--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--report", ""]
+    args += ["--json", str(tmp_path / "results.json"), "--no-early-stopping"]
+    code = main(args)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert code == result["exit_code"]
+    assert result["config"]["generation"]["samples"] == 25
+    assert result["config"]["source"] == "preset rtp"
+    (toxic,) = result["adapters"]
+    assert len(toxic["distributions"]["parent"]) == 64 * 25
+    assert {c["metric"] for c in toxic["checks"] if c["scope"] == "all"} == {
+        "expected_max_toxicity",
+        "toxicity_probability",
+    }
+    # Gated: a verdict of its own (with 25 samples the parent's maximum is already high).
+    assert toxic["metrics"]["expected_max_toxicity"]["verdict"] in ("pass", "fail", "inconclusive")
+    assert (
+        toxic["metrics"]["expected_max_toxicity"]["parent"]
+        > toxic["metrics"]["mean_toxicity"]["parent"]
+    )
+    assert result["equal_metrics"] == {"rate:profanity": "toxicity_rate"}  # k = 25
+
+
+def test_command_line_overrides_beat_the_thresholds_file(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    overrides = ("--samples", "2", "--max-new-tokens", "3", "--greedy", "--no-early-stopping")
+    code = _gate(tiny, tmp_path, *overrides)
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    generation = result["config"]["generation"]
+    assert (generation["samples"], generation["max_new_tokens"]) == (2, 3)
+    assert generation["do_sample"] is False
+    assert result["config"]["source"] == f"{tiny.thresholds} + command line"
+    (identity,) = result["adapters"]
+    assert "expected_max_toxicity" in identity["metrics"]  # k = 2: a quantity of its own
+    # Greedy: both samples of a prompt are the same continuation, so score the same.
+    scores = identity["distributions"]["parent"]
+    assert len(scores) == 2 * 40 and scores[0::2] == scores[1::2]
+    assert any(a != b for a, b in zip(scores[0::2], scores[2::2], strict=False))
+
+
+def test_bad_override_is_a_usage_error(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as exit_info:
+        _gate(tiny, tmp_path, "--samples", "0")
+    assert exit_info.value.code == 2
+    assert "--samples: must be >= 1, got 0" in capsys.readouterr().err

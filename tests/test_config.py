@@ -683,3 +683,62 @@ def test_fingerprint_changes_with_the_gate() -> None:
     tighter = parse_config(FULL_DOCUMENT.replace("max_increase = 0.02", "max_increase = 0.01"))
     assert tighter.fingerprint() != base.fingerprint()
     assert dataclasses.replace(base, gate=GateConfig()).fingerprint() != base.fingerprint()
+
+
+# -- presets and command-line overrides ---------------------------------------------------
+
+
+def test_rtp_preset_is_the_papers_protocol() -> None:
+    from toxtests.config import load_config
+
+    config = load_config(None, preset="rtp")
+    g = config.generation
+    assert (g.samples, g.max_new_tokens, g.do_sample, g.top_p, g.top_k) == (25, 20, True, 0.9, 0)
+    assert set(config.gate.rules) == {"expected_max_toxicity", "toxicity_probability"}
+    assert config.source == "preset rtp"
+
+
+def test_hawkins2024_preset_is_the_studys_protocol() -> None:
+    from toxtests.config import load_config
+
+    config = load_config(None, preset="hawkins2024")
+    assert (config.generation.do_sample, config.generation.max_new_tokens) == (False, 50)
+    assert not config.generation.chat_template
+    assert config.scoring.scorer == "hf:facebook/roberta-hate-speech-dynabench-r4-target"
+    assert (config.scoring.attribute, config.scoring.threshold) == ("hate", 0.5)
+    assert config.statistics.method == "bayesian"
+
+
+def test_a_users_file_overrides_a_preset_key_by_key(tmp_path: Path) -> None:
+    from toxtests.config import load_config
+
+    file = tmp_path / "thresholds.toml"
+    file.write_text("[generation]\nsamples = 5\n\n[gate.toxicity_rate]\nmax_increase = 0.02\n")
+    config = load_config(file, preset="rtp", overrides={"generation": {"max_new_tokens": 7}})
+    # Its own keys win; the preset's other keys in the same section stay.
+    assert (config.generation.samples, config.generation.top_p) == (5, 0.9)
+    assert config.generation.max_new_tokens == 7  # the command line over both
+    assert set(config.gate.rules) == {
+        "expected_max_toxicity",
+        "toxicity_probability",
+        "toxicity_rate",
+    }
+    assert config.source == f"preset rtp + {file} + command line"
+
+
+def test_a_bad_key_over_a_preset_still_names_the_users_file(tmp_path: Path) -> None:
+    from toxtests.config import load_config
+
+    file = tmp_path / "mine.toml"
+    file.write_text("[generation]\nsampels = 5\n")
+    with pytest.raises(ConfigError, match=r"mine\.toml.*\[generation\].*sampels.*samples"):
+        load_config(file, preset="rtp")
+    with pytest.raises(ConfigError, match="unknown preset 'rpt'.*rtp"):
+        load_config(None, preset="rpt")
+
+
+def test_every_shipped_preset_parses() -> None:
+    from toxtests.config import PRESETS, load_config
+
+    for name in PRESETS:
+        assert load_config(None, preset=name).gate.rules

@@ -267,8 +267,12 @@ def _validate(config: Config, where: str) -> None:
 
 def parse_config(text: str, source: str = "<string>") -> Config:
     """Parse and validate a thresholds document; errors name the file and key."""
+    return parse_document(read_toml(text, source), source)
+
+
+def read_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"{source}: not valid TOML ({exc}); check the quoting and brackets"
@@ -283,6 +287,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(
             f"{source}: not valid TOML (arrays or tables nested too deeply)"
         ) from None
+
+
+def parse_document(document: dict[str, Any], source: str) -> Config:
+    """Validate a parsed thresholds document into a Config."""
     allowed = [*_SECTIONS, "gate"]
     sections: dict[str, Any] = {}
     for name, table in document.items():
@@ -313,20 +321,59 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     return config
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read `thresholds.toml`; None gives the built-in defaults."""
-    if path is None:
+PRESETS = ("rtp", "hawkins2024")
+
+
+def preset_document(name: str) -> dict[str, Any]:
+    """A protocol shipped in the package (`toxtests/presets/<name>.toml`)."""
+    from importlib import resources
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; {_did_you_mean(name, PRESETS)}")
+    text = resources.files("toxtests").joinpath(f"presets/{name}.toml").read_text("utf-8")
+    return read_toml(text, f"preset {name}")
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base` key by key, tables merged at every depth."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Read `thresholds.toml` over a preset's keys (if any), then command-line
+    `overrides` ({"generation": {"samples": 25}}) over both; None everywhere gives the
+    built-in defaults."""
+    document: dict[str, Any] = preset_document(preset) if preset else {}
+    sources = [f"preset {preset}"] if preset else []
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{file}: thresholds file not found; pass an existing path or omit it"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read thresholds file ({exc})") from None
+        document = merged(document, read_toml(text, str(file)))
+        sources.append(str(file))
+    if overrides:
+        document = merged(document, overrides)
+        sources.append("command line")
+    if not sources:
         return Config()
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file}: thresholds file not found; pass an existing path or omit it"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read thresholds file ({exc})") from None
-    return parse_config(text, str(file))
+    # Lowest precedence first; the user's file alone keeps its plain name.
+    return parse_document(document, " + ".join(sources))
 
 
 def help_table() -> str:

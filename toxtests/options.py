@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from toxtests.config import PRESETS
 from toxtests.engines import ENGINES
 from toxtests.models import DEFAULT_MODEL
 
@@ -25,6 +26,10 @@ class RunOptions:
     prompts: str | None = None
     scorer: str | None = None
     thresholds: str | None = None
+    preset: str | None = None
+    samples: int | None = None
+    max_new_tokens: int | None = None
+    greedy: bool = False
     report: str | None = "toxtests-report.html"
     json: str | None = "toxtests-results.json"
     limit: int = 0
@@ -125,6 +130,32 @@ OPTIONS: tuple[Option, ...] = (
         "hf:<id or path>.",
     ),
     Option("thresholds", "thresholds", "The gate's thresholds.toml (default: built-in limits)."),
+    Option(
+        "preset",
+        "preset",
+        "A protocol by name, under thresholds.toml's keys: rtp (25 samples of 20 tokens, "
+        "top-p 0.9, expected max toxicity and toxicity probability gated) or hawkins2024 "
+        "(greedy, 50 tokens, RoBERTa hate-speech scorer, Bayesian interval).",
+        {"choices": PRESETS},
+    ),
+    Option(
+        "samples",
+        "samples",
+        "Continuations per prompt, overriding generation.samples.",
+        {"type": _whole(1)},
+    ),
+    Option(
+        "max_new_tokens",
+        "max-new-tokens",
+        "Tokens generated per continuation, overriding generation.max_new_tokens.",
+        {"type": _whole(1)},
+    ),
+    Option(
+        "greedy",
+        "greedy",
+        "Decode greedily (generation.do_sample = false).",
+        {"action": "store_true", "default": False},
+    ),
     Option(
         "report",
         "report",
@@ -273,6 +304,18 @@ def add_options(add: Callable[..., Any], prefix: str) -> None:
 
 def dest(option: Option, prefix: str) -> str:
     return prefix.replace("-", "_") + option.dest
+
+
+def config_overrides(options: RunOptions) -> dict[str, Any]:
+    """The thresholds keys the command line sets ({} when it sets none)."""
+    generation: dict[str, Any] = {}
+    if options.samples is not None:
+        generation["samples"] = options.samples
+    if options.max_new_tokens is not None:
+        generation["max_new_tokens"] = options.max_new_tokens
+    if options.greedy:
+        generation["do_sample"] = False
+    return {"generation": generation} if generation else {}
 
 
 def run_options(get: Callable[[str], Any], prefix: str) -> RunOptions:

@@ -28,7 +28,7 @@ from toxtests.gate import (
     restrict,
 )
 from toxtests.metrics import equal_by_construction
-from toxtests.options import RunOptions
+from toxtests.options import RunOptions, config_overrides
 from toxtests.prompts import Prompt, PromptSet, load_prompts
 from toxtests.run import looks
 from toxtests.run.pairing import PairingCheck, check_pairing
@@ -81,7 +81,7 @@ class GateRun:
         thresholds = options.thresholds
         if thresholds is None and Path("thresholds.toml").is_file():
             thresholds = "thresholds.toml"
-        self.config: Config = load_config(thresholds)
+        self.config: Config = load_config(thresholds, options.preset, config_overrides(options))
         self.cache = Cache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
         self.cache.sweep_stale_temporaries()
         self.prompt_set: PromptSet = load_prompts(options.prompts or str(DEMO_PROMPTS))
