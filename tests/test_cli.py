@@ -378,3 +378,9 @@ def test_bad_override_is_a_usage_error(tiny, tmp_path: Path, capsys) -> None:  #
         _gate(tiny, tmp_path, "--samples", "0")
     assert exit_info.value.code == 2
     assert "--samples: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_revision_of_a_local_model_is_an_error_naming_both(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _gate(tiny, tmp_path, "--revision", "v1.0") == 2
+    err = capsys.readouterr().err
+    assert "--revision v1.0 applies to a Hub id" in err and str(tiny.base) in err

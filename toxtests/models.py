@@ -163,17 +163,33 @@ def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
     return spec, "hub", hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
+def check_revision(spec: str, kind: str, revision: str | None) -> None:
+    """--revision pins a Hub repository; anything else has one version only."""
+    if revision and kind != "hub":
+        raise ModelLoadError(
+            f"--revision {revision} applies to a Hub id, and {spec} is a {kind} model; drop "
+            "--revision or give the Hub id"
+        )
+
+
 def describe_model(
-    spec: str, *, cache_dir: Path | None = None, device: str = "auto", dtype: str = "auto"
+    spec: str,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
 ) -> dict[str, str]:
     """What identifies a model's outputs, without loading its weights (for cache keys)."""
     cache_dir = cache_dir or default_cache_dir()
     source, kind, fingerprint = resolve_model(spec, cache_dir)
+    check_revision(spec, kind, revision)
     if kind == "hub":
         from transformers import AutoConfig
 
         try:
-            revision = getattr(AutoConfig.from_pretrained(spec), "_commit_hash", None) or "unknown"
+            config = AutoConfig.from_pretrained(spec, revision=revision)
+            revision = getattr(config, "_commit_hash", None) or revision or "unknown"
         except OSError as exc:
             raise ModelLoadError(
                 f"{spec}: cannot load model ({str(exc).splitlines()[0]})"

@@ -36,6 +36,7 @@ class RunOptions:
     cache_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    revision: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     early_stopping: bool | None = None  # None: thresholds.toml's statistics.early_stopping
@@ -192,6 +193,12 @@ OPTIONS: tuple[Option, ...] = (
         "Weights' dtype: float32, bfloat16, float16 (default: auto = fp32 on a CPU, bf16 "
         "or fp16 on a GPU).",
         {"default": "auto", "choices": ("auto", "float32", "bfloat16", "float16")},
+    ),
+    Option(
+        "revision",
+        "revision",
+        "A Hub --model's branch, tag or commit (default: main); its resolved commit is "
+        "part of every cache key.",
     ),
     Option(
         "allow_pickle",

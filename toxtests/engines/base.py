@@ -107,6 +107,7 @@ class EngineOptions:
     cache_dir: Path = Path(".")
     device: str = "auto"
     dtype: str = "auto"
+    revision: str | None = None  # a Hub model's branch, tag or commit
     trust_remote_code: bool = False
     allow_pickle: bool = False
     # openai: the server and how to talk to it

@@ -140,6 +140,7 @@ class VllmEngine:
                 cache_dir=self.options.cache_dir,
                 device=self._device(),
                 dtype=self.options.dtype,
+                revision=self.options.revision,
             )
         return self._identity
 
@@ -198,6 +199,8 @@ class VllmEngine:
                 arguments[name] = getattr(options, name)
         if options.max_model_len is not None:
             arguments["max_model_len"] = options.max_model_len
+        if options.revision:
+            arguments.update(revision=options.revision, tokenizer_revision=options.revision)
         if device == "cpu":
             context = options.max_model_len or CPU_CONTEXT
             arguments.setdefault("max_model_len", context)

@@ -83,7 +83,9 @@ def row_attention(
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
     dropped = layout.width - kv_len  # positions a sliding window no longer holds
-    out = query.new_zeros(batch, heads, q_len, value.shape[-1])
+    # Padded query positions (prefill) get 0; a decode step has none.
+    out = query.new_zeros(batch, heads, q_len, value.shape[-1]) if q_len > 1 else None
+    parts = []
     for first, end, start in layout.runs():
         real_from = max(start - dropped, 0)  # the row's first real key still held
         queries_from = max(real_from - (kv_len - q_len), 0)
@@ -92,9 +94,13 @@ def row_attention(
             keys_from = max(keys_from, kv_len - sliding_window)
         rows_q = query[first:end, :, queries_from:]
         rows_k, rows_v = key[first:end, :, keys_from:], value[first:end, :, keys_from:]
-        out[first:end, :, queries_from:] = _attend(
-            rows_q, rows_k, rows_v, groups, scaling, sliding_window
-        )
+        part = _attend(rows_q, rows_k, rows_v, groups, scaling, sliding_window)
+        if out is None:
+            parts.append(part)
+        else:
+            out[first:end, :, queries_from:] = part
+    if out is None:
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -114,9 +120,7 @@ def _attend(
     rows, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     if q_len == 1:  # a decode step: a group's heads are its queries, and no mask
-        packed = query.reshape(rows, heads // groups, groups, dim)
-        result = _math(packed, key, value, None, False, scaling)
-        return result.reshape(rows, heads, 1, value.shape[-1])
+        return _decode(query, key, value, groups, scaling)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
@@ -131,6 +135,22 @@ def _attend(
     # The math kernel adds a mask: a boolean one must become 0 / -inf first.
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
     return _math(query, key, value, mask.masked_fill_(~allowed, float("-inf")), False, scaling)
+
+
+def _decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scaling: float | None
+) -> torch.Tensor:
+    """One decode step: products, softmax, products, as SDPA's math kernel, without its
+    per-call overhead (measured on Gemma 3 270M, 64 rows in 34 runs: 4.1 ms a layer
+    against 7.1 through the math kernel; padded SDPA takes 1.8)."""
+    rows, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    queries = query.reshape(rows * kv_heads, groups, dim)
+    keys = key.reshape(rows * kv_heads, length, dim)
+    values = value.reshape(rows * kv_heads, length, value.shape[-1])
+    weights = torch.softmax(torch.bmm(queries, keys.transpose(1, 2)).mul_(scale), dim=-1)
+    return torch.bmm(weights, values).reshape(rows, heads, 1, value.shape[-1])
 
 
 def _math(

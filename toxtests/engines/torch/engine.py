@@ -81,6 +81,7 @@ class TorchEngine:
                 cache_dir=self.options.cache_dir,
                 device=self.options.device,
                 dtype=self.options.dtype,
+                revision=self.options.revision,
             )
         return self._identity
 
@@ -101,6 +102,7 @@ class TorchEngine:
                 device=options.device,
                 dtype=options.dtype,
                 trust_remote_code=options.trust_remote_code,
+                revision=options.revision,
             )
             self._loaded = attach_adapters(
                 base, list(options.adapters), allow_pickle=options.allow_pickle

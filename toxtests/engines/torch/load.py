@@ -17,6 +17,7 @@ from toxtests.models import (
     adapter_fingerprint,
     adapter_names,
     check_adapter_dir,
+    check_revision,
     choose_device,
     choose_dtype,
     default_cache_dir,
@@ -53,6 +54,7 @@ def load_base(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load the base model and tokenizer (left padding, a pad token guaranteed)."""
     import torch
@@ -60,18 +62,21 @@ def load_base(
 
     cache_dir = cache_dir or default_cache_dir()
     source, kind, fingerprint = resolve_model(spec, cache_dir)
+    check_revision(spec, kind, revision)
+    pinned = {"revision": revision} if revision else {}
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
     local = kind != "hub"
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=local, trust_remote_code=trust_remote_code
+            source, local_files_only=local, trust_remote_code=trust_remote_code, **pinned
         )
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=getattr(torch, dtype),
             local_files_only=local,
             trust_remote_code=trust_remote_code,
+            **pinned,
         )
     except OSError as exc:
         raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
