@@ -384,3 +384,50 @@ def test_revision_of_a_local_model_is_an_error_naming_both(tiny, tmp_path: Path,
     assert _gate(tiny, tmp_path, "--revision", "v1.0") == 2
     err = capsys.readouterr().err
     assert "--revision v1.0 applies to a Hub id" in err and str(tiny.base) in err
+
+
+def _full_model(base: Path, out: Path, adapter: Path | None = None) -> Path:
+    """A full model directory: the base copied, or with `adapter` merged into it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    return out
+
+
+def test_full_models_are_judged_as_candidates_beside_adapters(
+    tiny,
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """A copy of the parent saved as its own model passes with every delta exactly 0;
+    the toxic adapter merged into the weights fails, as the adapter itself does; the
+    parent is generated once for the adapter and both candidates."""
+    copy = _full_model(tiny.base, tmp_path / "copy")
+    merged = _full_model(tiny.base, tmp_path / "merged-toxic", tiny.toxic)
+    extra = ("--candidate", str(copy), "--candidate", str(merged), "--no-early-stopping")
+    code = _gate(tiny, tmp_path, *extra, adapters=(tiny.identity,))
+    assert code == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    identity, same, toxic = result["adapters"]
+    assert [a["kind"] for a in result["adapters"]] == ["adapter", "model", "model"]
+    assert same["adapter"] == str(copy) and same["verdict"] == "pass"
+    assert all(m["delta"] == 0.0 for m in same["metrics"].values())
+    assert same["note"] == ""  # the same tokenizer: token-identical pairing
+    assert toxic["verdict"] == "fail" and toxic["metrics"]["toxicity_rate"]["delta"] > 0.3
+    assert identity["verdict"] == "pass"
+    err = capsys.readouterr().err
+    assert err.count("generating parent") == 1
+    html = (tmp_path / "report.html").read_text()
+    assert f"A full model ({merged}) judged against the parent" in html
+
+
+def test_candidates_on_an_engine_without_them_are_refused(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    extra = ("--candidate", str(tiny.base), "--engine", "openai", "--endpoint", "http://x/v1")
+    assert _gate(tiny, tmp_path, *extra) == 2
+    assert "full-model candidates run on the torch engine" in capsys.readouterr().err

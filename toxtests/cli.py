@@ -42,7 +42,8 @@ def run_gate(args: argparse.Namespace) -> int:
             )
             print(
                 f"toxtests: {len(run.prompts)} prompts in {len(run.shards)} shards, "
-                f"{len(options.adapters)} adapter(s), engine {options.engine}, "
+                f"{len(options.adapters)} adapter(s), {len(options.candidates)} candidate "
+                f"model(s), engine {options.engine}, "
                 f"scorer {run.scorer_spec}",
                 file=sys.stderr,
             )
@@ -64,8 +65,8 @@ def run_gate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.adapters:
-        parser.error("the following arguments are required: --adapter")
+    if not args.adapters and not args.candidates:
+        parser.error("the following arguments are required: --adapter or --candidate")
     try:
         return run_gate(args)
     except ToxtestsError as exc:

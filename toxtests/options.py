@@ -23,6 +23,7 @@ class RunOptions:
 
     model: str = DEFAULT_MODEL
     adapters: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)
     prompts: str | None = None
     scorer: str | None = None
     thresholds: str | None = None
@@ -116,6 +117,13 @@ OPTIONS: tuple[Option, ...] = (
         "adapter",
         "PEFT adapter directory or Hub id to judge against its parent (repeatable); with "
         "--engine openai a served name, or PATH=SERVED_NAME.",
+        {"action": "append", "default": []},
+    ),
+    Option(
+        "candidates",
+        "candidate",
+        "A full model (transformers directory, .gguf file or Hub id) to judge against "
+        "--model like an adapter: a fine-tune, a merged LoRA (repeatable).",
         {"action": "append", "default": []},
     ),
     Option(
@@ -329,6 +337,7 @@ def run_options(get: Callable[[str], Any], prefix: str) -> RunOptions:
     """RunOptions from parsed values (`get(dest)`); '' for a path means none."""
     values = {option.dest: get(dest(option, prefix)) for option in OPTIONS}
     values["adapters"] = list(values["adapters"] or [])
+    values["candidates"] = list(values["candidates"] or [])
     for path in ("report", "json"):
         values[path] = values[path] or None
     return RunOptions(**values)

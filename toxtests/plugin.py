@@ -33,7 +33,10 @@ def options_from_config(config: pytest.Config) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.getoption("tox_adapters", default=None):
+    if not (
+        config.getoption("tox_adapters", default=None)
+        or config.getoption("tox_candidates", default=None)
+    ):
         return
     from toxtests.run import GateRun
 

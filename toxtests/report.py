@@ -296,6 +296,8 @@ def _adapter_view(
         "fingerprint": adapter.get("fingerprint"),
         "verdict": adapter.get("verdict"),
         "summary": adapter.get("summary"),
+        "kind": adapter.get("kind") or "adapter",
+        "note": adapter.get("note") or "",
         # After undecided early looks the verdict's intervals are wider than configured.
         "interval_label": _interval_label(adapter) if "confidence" in adapter else None,
         "metrics": rows,

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from toxtests.config import GenerationConfig
-from toxtests.errors import GenerationError
+from toxtests.errors import ConfigError, GenerationError
 from toxtests.prompts import Prompt
 
 PARENT = "parent"
+ADAPTER = "adapter"  # a variant that is an adapter on the parent's weights
+MODEL = "model"  # a variant that is a full model of its own (--candidate)
 
 
 def package_version(name: str) -> str:
@@ -52,9 +54,10 @@ class Variant:
     """A model variant the gate compares: the parent, or one adapter of it."""
 
     name: str  # "parent", or the adapter's readable unique name (test ids, report)
-    index: int | None  # position among the adapters; None for the parent
+    index: int | None  # position among the compared variants; None for the parent
     spec: str | None  # as the user gave it (path, Hub id, served name)
     fingerprint: str  # what identifies its outputs in cache keys ("parent" for the parent)
+    kind: str = ADAPTER  # ADAPTER (on the parent's weights) or MODEL (a full model)
 
     @property
     def is_parent(self) -> bool:
@@ -104,6 +107,7 @@ class EngineOptions:
 
     model: str = "gemma3-270m"
     adapters: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()  # full models judged against `model` (--candidate)
     cache_dir: Path = Path(".")
     device: str = "auto"
     dtype: str = "auto"
@@ -125,6 +129,15 @@ class EngineOptions:
 
 
 OnPromptDone = Callable[[int, list[Generation]], None]
+
+
+def refuse_candidates(options: EngineOptions, engine: str) -> None:
+    """Engines that cannot judge full models yet say so, rather than drop them."""
+    if options.candidates:
+        raise ConfigError(
+            f"--candidate {options.candidates[0]}: full-model candidates run on the torch "
+            f"engine for now, not --engine {engine}; drop --engine or the candidate"
+        )
 
 
 @runtime_checkable

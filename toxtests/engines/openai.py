@@ -39,6 +39,7 @@ from toxtests.engines.base import (
     Generation,
     OnPromptDone,
     Variant,
+    refuse_candidates,
 )
 from toxtests.engines.crn import request_seed
 from toxtests.errors import ConfigError, EndpointError
@@ -80,6 +81,7 @@ class OpenAIEngine:
     """Sends one request per (prompt, sample) to an OpenAI-compatible server."""
 
     def __init__(self, options: EngineOptions):
+        refuse_candidates(options, "openai")
         if not options.endpoint:
             raise ConfigError(
                 "--engine openai needs --endpoint URL, the server's base URL "

@@ -32,6 +32,7 @@ from toxtests.engines.base import (
     encode_prompts,
     eos_token_ids,
     package_version,
+    refuse_candidates,
 )
 from toxtests.engines.crn import request_seed
 from toxtests.engines.local import local_variants
@@ -96,6 +97,7 @@ class VllmEngine:
     """Generates with `vllm.LLM`; the parent has no LoRA request, each adapter its own."""
 
     def __init__(self, options: EngineOptions):
+        refuse_candidates(options, "vllm")
         self.options = options
         self._variants = local_variants(options)
         self._identity: dict[str, str] | None = None

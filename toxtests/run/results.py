@@ -79,6 +79,8 @@ class AdapterResult:
     distributions: dict[str, list[float]]
     turned_toxic: list[TurnedToxic]
     generation: GenerationCounts
+    kind: str = "adapter"  # "adapter", or "model" for a full-model candidate
+    note: str = ""  # how it is paired with the parent, where that needs saying
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}

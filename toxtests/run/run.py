@@ -18,7 +18,7 @@ from toxtests import __version__
 from toxtests.cache import Cache
 from toxtests.config import Config, load_config
 from toxtests.engines import create_engine
-from toxtests.engines.base import Engine, EngineInfo, EngineOptions, Variant
+from toxtests.engines.base import MODEL, Engine, EngineInfo, EngineOptions, Variant
 from toxtests.gate import (
     CheckResult,
     adapter_verdict,
@@ -62,11 +62,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _same_vocabulary(engine: Engine, variant: Variant) -> bool:
+    same = getattr(engine, "same_vocabulary", None)
+    return bool(same(variant)) if same is not None else True
+
+
 def engine_options(options: RunOptions, cache_dir: Path) -> EngineOptions:
     shared = {
         f: getattr(options, f) for f in EngineOptions.__dataclass_fields__ if f != "cache_dir"
     }
     shared["adapters"] = tuple(options.adapters)
+    shared["candidates"] = tuple(options.candidates)
     return EngineOptions(cache_dir=cache_dir, **shared)
 
 
@@ -147,6 +153,12 @@ class GateRun:
                 "engine_info": info.to_json(),
                 "model": self.engine.model_identity(),
                 "adapters": [v.fingerprint for v in self.adapters],
+                # Candidates whose tokenizer differs from the parent's (report only).
+                "other_vocabulary": [
+                    v.name
+                    for v in self.adapters
+                    if v.kind == MODEL and not _same_vocabulary(self.engine, v)
+                ],
                 "scorer": self.scorer.describe(),
             }
         return self._fingerprints
@@ -163,6 +175,10 @@ class GateRun:
     def shard_scores(self, adapter_index: int | None, shard: Shard) -> ShardScores:
         """Generations and scores for a shard, from the cache or computed (then cached)."""
         self.used = True
+        if adapter_index is not None and self.variant(adapter_index).kind == MODEL:
+            # A full model replaces the parent in memory: the parent's every prompt first,
+            # so looks and shard tests do not swap the two models shard by shard.
+            self.store.prefetch(self.parent, self.prompts, "all prompts, before a candidate")
         memo_key = (adapter_index, shard.name)
         if memo_key not in self._memo:
             self._memo[memo_key] = self.store.scores(
@@ -273,6 +289,12 @@ class GateRun:
         verdict = decision.decided if decision and decision.decided else adapter_verdict(checks)
         variant = self.adapters[adapter_index]
         metrics = metric_table(paired, everyone, config, checks, "all")
+        note = ""
+        if variant.name in self.fingerprints().get("other_vocabulary", []):
+            note = (
+                "a different tokenizer from the parent's: paired by prompt and seed, but its "
+                "texts cannot be token-identical to the parent's"
+            )
         compared = set(everyone)
         return AdapterResult(
             adapter=variant.spec or variant.name,
@@ -313,6 +335,8 @@ class GateRun:
                 prompts_compared=len(everyone),
                 prompts_excluded_empty=len(parent.prompt_ids) - len(everyone),
             ),
+            kind=variant.kind,
+            note=note,
         )
 
     def _stopping_summary(

@@ -14,6 +14,7 @@ from typing import Any
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import (
     EXACT,
+    MODEL,
     EngineInfo,
     EngineOptions,
     Generation,
@@ -54,6 +55,8 @@ class TorchEngine:
         self.options = options
         self._variants = local_variants(options)
         self._loaded: Any = None
+        self._resident_spec: str | None = None
+        self._heap_kept = False
         self._generators: dict[GenerationConfig, Any] = {}
         self._identity: dict[str, str] | None = None
         self._resources = ExitStack()
@@ -91,34 +94,50 @@ class TorchEngine:
     @property
     def loaded(self) -> Any:
         """The base with every adapter attached (`toxtests.engines.torch.load.LoadedModel`)."""
-        if self._loaded is None:
-            from toxtests.engines.torch.load import attach_adapters, load_base
-            from toxtests.engines.torch.memory import retained_memory
+        return self._resident(None)
 
-            options = self.options
-            base = load_base(
-                options.model,
-                cache_dir=options.cache_dir,
-                device=options.device,
-                dtype=options.dtype,
-                trust_remote_code=options.trust_remote_code,
-                revision=options.revision,
-            )
-            self._loaded = attach_adapters(
-                base, list(options.adapters), allow_pickle=options.allow_pickle
-            )
+    def _resident(self, candidate: str | None) -> Any:
+        """The base with its adapters (`candidate` None) or a full candidate model: one
+        of them in memory at a time, so a CPU holds one model's weights, not two."""
+        from toxtests.engines.torch.load import attach_adapters, load_base
+        from toxtests.engines.torch.memory import retained_memory
+
+        if self._loaded is not None and self._resident_spec == candidate:
+            return self._loaded
+        if self._loaded is not None:  # the other model goes before this one loads
+            self._generators.clear()
+            self._loaded = None
+            import gc
+
+            gc.collect()
+        options = self.options
+        model = load_base(
+            candidate or options.model,
+            cache_dir=options.cache_dir,
+            device=options.device,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
+            revision=None if candidate else options.revision,
+        )
+        if candidate is None:
+            adapters = list(options.adapters)
+            model = attach_adapters(model, adapters, allow_pickle=options.allow_pickle)
+        self._loaded, self._resident_spec = model, candidate
+        if not self._heap_kept:
             # One heap for every generation call of this engine: each call would otherwise
             # fault its first batch's ~1 GB of activations, caches and logits in afresh
             # (~250k page faults, 1-2 s a call on Gemma 3 270M). Given back on close().
             self._resources.enter_context(retained_memory())
+            self._heap_kept = True
         return self._loaded
 
-    def generator(self, settings: GenerationConfig) -> Any:
-        """The decode loop for these settings: probes and weight packing happen once."""
+    def generator(self, settings: GenerationConfig, candidate: str | None = None) -> Any:
+        """The decode loop for these settings on the resident model: probes and weight
+        packing happen once per model."""
+        loaded = self._resident(candidate)
         if settings not in self._generators:
             from toxtests.engines.torch.loop import Generator
 
-            loaded = self.loaded
             self._generators[settings] = Generator(
                 loaded.model, loaded.tokenizer, settings, loaded.device
             )
@@ -131,11 +150,28 @@ class TorchEngine:
         settings: GenerationConfig,
         on_prompt_done: OnPromptDone | None = None,
     ) -> list[list[Generation]]:
+        if variant.kind == MODEL:
+            generator = self.generator(settings, variant.spec)
+            return generator.generate(  # type: ignore[no-any-return]
+                prompts, None, on_prompt_done=on_prompt_done, label=variant.name
+            )
         generator = self.generator(settings)
         peft_name = None if variant.index is None else self.loaded.adapters[variant.index].peft_name
         return generator.generate(  # type: ignore[no-any-return]
             prompts, peft_name, on_prompt_done=on_prompt_done, label=variant.name
         )
+
+    def same_vocabulary(self, variant: Variant) -> bool:
+        """Whether a candidate's tokenizer is the base's: then common random numbers pair
+        token for token; otherwise the texts can still be paired by prompt and seed."""
+        if variant.kind != MODEL or variant.spec is None:
+            return True
+        from toxtests.engines.torch.load import load_tokenizer
+
+        options = self.options
+        base = load_tokenizer(options.model, options.cache_dir, options.revision)
+        other = load_tokenizer(variant.spec, options.cache_dir, None)
+        return bool(base.get_vocab() == other.get_vocab())
 
     def close(self) -> None:
         self._generators.clear()
