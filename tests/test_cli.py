@@ -431,3 +431,20 @@ def test_candidates_on_an_engine_without_them_are_refused(tiny, tmp_path: Path, 
     extra = ("--candidate", str(tiny.base), "--engine", "openai", "--endpoint", "http://x/v1")
     assert _gate(tiny, tmp_path, *extra) == 2
     assert "full-model candidates run on the torch engine" in capsys.readouterr().err
+
+
+def test_a_candidate_with_another_tokenizer_is_paired_by_seed_and_says_so(
+    tiny,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    from transformers import AutoTokenizer
+
+    other = _full_model(tiny.base, tmp_path / "other-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["zzzunseen"])  # a vocabulary of its own; the prompts never use it
+    tokenizer.save_pretrained(str(other))
+    assert _gate(tiny, tmp_path, "--candidate", str(other), adapters=()) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    (candidate,) = result["adapters"]
+    assert "cannot be token-identical" in candidate["note"]
+    assert "cannot be token-identical" in (tmp_path / "report.html").read_text()
