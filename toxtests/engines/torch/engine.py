@@ -57,6 +57,7 @@ class TorchEngine:
         self._loaded: Any = None
         self._resident_spec: str | None = None
         self._heap_kept = False
+        self._base_vocabulary: dict[str, int] | None = None
         self._generators: dict[GenerationConfig, Any] = {}
         self._identity: dict[str, str] | None = None
         self._resources = ExitStack()
@@ -169,9 +170,11 @@ class TorchEngine:
         from toxtests.engines.torch.load import load_tokenizer
 
         options = self.options
-        base = load_tokenizer(options.model, options.cache_dir, options.revision)
+        if self._base_vocabulary is None:  # once, however many candidates
+            base = load_tokenizer(options.model, options.cache_dir, options.revision)
+            self._base_vocabulary = base.get_vocab()
         other = load_tokenizer(variant.spec, options.cache_dir, None)
-        return bool(base.get_vocab() == other.get_vocab())
+        return bool(self._base_vocabulary == other.get_vocab())
 
     def close(self) -> None:
         self._generators.clear()
