@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import resource
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -15,30 +17,40 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _faults_of_big_allocations(repeats: int = 6) -> int:
-    """Minor page faults of allocating, touching and freeing a 64 MB block repeatedly."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(repeats):
-        block = torch.empty(16 << 20, dtype=torch.float32)
-        block.fill_(1.0)
-        del block
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
 def _resident_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def test_big_blocks_are_reused_inside() -> None:
-    _faults_of_big_allocations(1)  # warm up
-    outside = _faults_of_big_allocations()
-    with retained_memory() as tuned:
-        assert tuned
-        # The heap settles after a few rounds (glibc first grows it in pieces); a decode
-        # loop allocates thousands of times, so the steady state is what counts.
-        _faults_of_big_allocations(12)
-        inside = _faults_of_big_allocations()
+    # In a fresh process: an engine another test left open keeps the heap retained for
+    # the whole worker, and the "outside" figure would then be 0.
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from toxtests.engines.torch.memory import retained_memory
+
+        def faults(repeats=6):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(repeats):
+                block = torch.empty(16 << 20, dtype=torch.float32)
+                block.fill_(1.0)
+                del block
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        faults(1)  # warm up
+        outside = faults()
+        with retained_memory() as tuned:
+            assert tuned
+            faults(12)  # glibc first grows the heap in pieces; the steady state counts
+            inside = faults()
+        print(outside, inside)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    outside, inside = map(int, done.stdout.split())
     # Outside, every allocation is a fresh mapping faulted in page by page (16k pages
     # of 4 KiB each); inside, the freed block is taken again from the heap.
     assert outside > 4 * 16384
