@@ -157,7 +157,8 @@ def test_a_hub_adapter_is_identified_by_its_revision(
 
 
 def test_the_torch_sampling_path_is_part_of_the_cache_key() -> None:
-    """The C top-p kernel and the numba path agree to rounding only: never one key."""
+    """The C top-p kernel and the numba path agree to rounding only, and so do the C and
+    torch decode attentions: never one key."""
     import subprocess
 
     script = (
@@ -173,9 +174,12 @@ def test_the_torch_sampling_path_is_part_of_the_cache_key() -> None:
         )  # fmt: skip
         return done.stdout.strip()
 
-    without = sampler(TOXTESTS_NO_NATIVE="1")
-    assert without.endswith("/numba")
-    from toxtests.engines.torch import native
+    without = sampler(TOXTESTS_NO_NATIVE="1", TOXTESTS_NO_NATIVE_ATTENTION="1")
+    assert without.endswith("/numba/torch-attention")
+    from toxtests.engines.torch import native, native_attention
 
+    full = sampler()
     if native.load() is not None:
-        assert sampler().endswith("/native")
+        assert "/native/" in full
+    if native_attention.load() is not None:
+        assert full.endswith("/c-attention")

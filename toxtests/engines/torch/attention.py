@@ -7,7 +7,9 @@ batch it happened to land in (measured on Gemma 3 270M: 22 of 24 prompts' last s
 changed between alone and in a batch; sampling then turns some of those bits into
 other tokens). Here each run of rows that share a start position attends only to its
 real positions, exactly as it would alone: the kernel sees the row's own length and
-nothing else. The linear layers are already row-invariant on the CPU (oneDNN's packed
+nothing else. A decode step goes through `native_attention` (the whole batch in one
+call, each row in a fixed order) where a C compiler is at hand, through torch run by
+run otherwise; the two round differently, so the cache key names the path. The linear layers are already row-invariant on the CPU (oneDNN's packed
 products give each row the same bits for any number of rows, and any thread count).
 
 The layout travels with the forward call as the keyword `toxtests_layout` (transformers
@@ -19,10 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+
+from toxtests.engines.torch import native_attention
 
 NAME = "toxtests_rows"
 LAYOUT_KEYWORD = "toxtests_layout"
@@ -83,6 +89,14 @@ def row_attention(
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
     dropped = layout.width - kv_len  # positions a sliding window no longer holds
+    if q_len == 1 and query.dtype == torch.float32 and native_attention.load() is not None:
+        # The whole step in one native call: each row over its own keys, in a fixed order.
+        first = _first_keys(layout.starts, dropped, sliding_window or 0, kv_len)
+        scale = scaling if scaling is not None else dim**-0.5
+        out = native_attention.decode_attention(
+            query, key, value, first, scale, threads=torch.get_num_threads()
+        )
+        return out.transpose(1, 2).contiguous(), None
     # Padded query positions (prefill) get 0; a decode step has none.
     out = query.new_zeros(batch, heads, q_len, value.shape[-1]) if q_len > 1 else None
     parts = []
@@ -108,6 +122,17 @@ def row_attention(
     if out is None:
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+@lru_cache(maxsize=256)
+def _first_keys(starts: tuple[int, ...], dropped: int, window: int, kv_len: int) -> np.ndarray:
+    """Each row's first key for a decode step: its first real one still held, and no
+    earlier than the window reaches (the layers of one step share the answer)."""
+    first = np.maximum(np.asarray(starts, dtype=np.int64) - dropped, 0)
+    if window:
+        first = np.maximum(first, kv_len - window)
+    first.setflags(write=False)  # shared by the cache
+    return first
 
 
 def _attend(

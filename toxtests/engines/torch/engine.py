@@ -29,17 +29,21 @@ from toxtests.prompts import Prompt
 # The generation format: bumped whenever the loop's arithmetic changes the text it
 # produces, so a cache written by an earlier version is never read as this one's.
 # v3: attention over each row's own positions (batch-invariant on the CPU).
-SAMPLER = "toxtests-crn-v3"
+# v4: a decode step's attention in one native call where a C compiler is at hand.
+SAMPLER = "toxtests-crn-v4"
 
 
 def sampling_path(device: str) -> str:
-    """Which top-p path draws on `device`: the C kernel and the numba path agree to
-    rounding, not bit for bit (1 draw in ~9,000 differed), so they never share a key."""
+    """Which kernels draw and attend on `device`: the C top-p kernel and the numba path
+    agree to rounding, not bit for bit (1 draw in ~9,000 differed), and so do the C and
+    torch decode attentions, so no two of them share a key."""
     if not device.startswith("cpu"):
         return "torch"
-    from toxtests.engines.torch import native
+    from toxtests.engines.torch import native, native_attention
 
-    return "native" if native.load() is not None else "numba"
+    top_p = "native" if native.load() is not None else "numba"
+    attention = "c-attention" if native_attention.load() is not None else "torch-attention"
+    return f"{top_p}/{attention}"
 
 
 def _batch_invariant(device: str, dtype: str) -> bool:

@@ -61,17 +61,33 @@ def compiler() -> str | None:
     return None
 
 
-def _library_path(cache_dir: Path, cc: str) -> Path:
+def _library_path(cache_dir: Path, cc: str, source: Path, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
+    machine = _cpu_model() if "-march=native" in flags else ""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.stdout.encode()
+        source.read_bytes()
+        + " ".join(flags).encode()
+        + version.stdout.encode()
+        + machine.encode()
     ).hexdigest()[:16]
-    return cache_dir / "native" / f"top_p-{key}.so"
+    return cache_dir / "native" / f"{source.stem}-{key}.so"
 
 
-def build(cache_dir: Path, cc: str) -> Path:
-    """Compile `top_p.c` into the cache (once per source, flags and compiler)."""
-    target = _library_path(cache_dir, cc)
+def _cpu_model() -> str:
+    """The CPU a `-march=native` build is for (a cache directory can be shared)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def build(
+    cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS
+) -> Path:
+    """Compile `source` into the cache (once per source, flags, compiler and, for a
+    native-architecture build, CPU)."""
+    target = _library_path(cache_dir, cc, source, flags)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,13 +95,13 @@ def build(cache_dir: Path, cc: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cc, *FLAGS, "-o", temporary, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", temporary, str(source), "-lm"],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{cc} could not compile {SOURCE}:\n{result.stderr.strip()}")
+            raise RuntimeError(f"{cc} could not compile {source}:\n{result.stderr.strip()}")
         os.replace(temporary, target)  # atomic: a concurrent worker sees all or nothing
     finally:
         if os.path.exists(temporary):

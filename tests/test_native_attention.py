@@ -1,0 +1,103 @@
+"""The native decode attention: each row's own attention, bit for bit the same in any
+batch, at any padding, on any number of threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toxtests.engines.torch import native_attention
+
+pytestmark = pytest.mark.skipif(
+    native_attention.load() is None, reason="no C compiler: the kernel cannot be built"
+)
+
+
+def _alone(query, key, value, first, scale):  # noqa: ANN001, ANN202
+    """Row by row, each with only its own keys (contiguous, as a batch of one has)."""
+    rows = []
+    for row, start in enumerate(first):
+        rows.append(
+            native_attention.decode_attention(
+                query[row : row + 1],
+                key[row : row + 1, :, start:].contiguous(),
+                value[row : row + 1, :, start:].contiguous(),
+                np.array([0]),
+                scale,
+            )
+        )
+    return torch.cat(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=9),
+    kv_heads=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 3, 4]),
+    dim=st.sampled_from([7, 16, 64, 256]),
+    extra=st.integers(0, 4),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_each_row_is_its_own_attention_alone(
+    lengths: list[int],
+    kv_heads: int,
+    groups: int,
+    dim: int,
+    extra: int,
+    threads: int,
+    seed: int,
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads = len(lengths), kv_heads * groups
+    width = max(lengths) + extra
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    key = torch.randn(rows, kv_heads, width, dim, generator=generator)
+    value = torch.randn(rows, kv_heads, width, dim, generator=generator)
+    first = np.array([width - n for n in lengths])
+    out = native_attention.decode_attention(query, key, value, first, 0.3, threads=threads)
+    assert torch.equal(out, _alone(query, key, value, first, 0.3))
+    for row, start in enumerate(first):
+        expected = F.scaled_dot_product_attention(
+            query[row : row + 1],
+            key[row : row + 1, :, start:].repeat_interleave(groups, dim=1),
+            value[row : row + 1, :, start:].repeat_interleave(groups, dim=1),
+            scale=0.3,
+        )
+        assert torch.allclose(out[row : row + 1], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_strided_cache_reads_as_a_contiguous_one() -> None:
+    """A sliding-window layer hands over a view of its cache, not a copy."""
+    generator = torch.Generator().manual_seed(0)
+    full_key = torch.randn(3, 2, 20, 16, generator=generator)
+    full_value = torch.randn(3, 2, 20, 16, generator=generator)
+    key, value = full_key[:, :, -8:], full_value[:, :, -8:]
+    assert not key.is_contiguous()
+    query = torch.randn(3, 4, 1, 16, generator=generator)
+    first = np.array([0, 2, 5])
+    strided = native_attention.decode_attention(query, key, value, first, 0.25)
+    copied = native_attention.decode_attention(
+        query, key.contiguous(), value.contiguous(), first, 0.25
+    )
+    assert torch.equal(strided, copied)
+
+
+def test_a_row_without_keys_gets_zeros() -> None:
+    query = torch.randn(2, 2, 1, 8)
+    key = value = torch.randn(2, 1, 5, 8)
+    out = native_attention.decode_attention(query, key, value, np.array([5, 1]), 0.5)
+    assert not out[0].any() and out[1].abs().sum() > 0
+
+
+def test_bad_input_is_refused_with_the_reason() -> None:
+    query = torch.randn(2, 2, 1, 8)
+    key = torch.randn(2, 1, 5, 8)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        native_attention.decode_attention(query.double(), key, key, np.array([0, 0]), 0.5)
+    with pytest.raises(ValueError, match="one first position per row"):
+        native_attention.decode_attention(query, key, key, np.array([0]), 0.5)

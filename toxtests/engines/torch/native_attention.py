@@ -1,0 +1,128 @@
+"""A decoding step's attention in native code: every row over its own positions, in one
+call for the whole batch.
+
+`row_attention` can make rows invariant with torch alone only by calling the kernels
+once per run of rows that share a start (the products choose their blocking by the
+width they are given, so a padded row gets other bits): dozens of small calls per layer
+per step. `decode_attention.c` does the whole batch in one call, each row in a fixed
+order that reads nothing of its batch-mates, so it is both invariant and quicker. Built
+on first use with the machine's C compiler (portable C, `-ffp-contract=off` so the
+vector body and the scalar tail round alike); without one, `row_attention` keeps its
+torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toxtests.engines.torch import native
+
+SOURCE = Path(__file__).with_name("native") / "decode_attention.c"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+PORTABLE_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+DISABLE_ENV = "TOXTESTS_NO_NATIVE_ATTENTION"
+
+_library: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built here (warned once)."""
+    global _library, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get(DISABLE_ENV):
+            return None
+        cc = native.compiler()
+        if cc is None:
+            return None
+        from toxtests.models import default_cache_dir
+
+        failure: Exception | None = None
+        for flags in (FLAGS, PORTABLE_FLAGS):  # some compilers lack -march=native
+            try:
+                library = ctypes.CDLL(str(native.build(default_cache_dir(), cc, SOURCE, flags)))
+                break
+            except (OSError, RuntimeError) as exc:
+                failure = exc
+        else:
+            warnings.warn(
+                f"toxtests: the native decode attention is unavailable ({failure}); "
+                f"generation keeps the torch path, invariant but slower. Set "
+                f"{DISABLE_ENV}=1 to skip it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+        library.decode_attention.restype = ctypes.c_int
+        library.decode_attention.argtypes = [
+            pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
+            pointer, pointer, ctypes.c_float, i64, i64,
+        ]  # fmt: skip
+        _library = library
+        return library
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first: np.ndarray,
+    scale: float,
+    threads: int = 1,
+) -> torch.Tensor:
+    """(rows, heads, 1, value_dim): row r's query heads over its keys [first[r], length).
+
+    query (rows, heads, 1, dim); key, value (rows, kv_heads, length, dim), float32 on
+    the CPU. Rows are split across `threads` Python threads by (row, kv head) pair; each
+    pair's arithmetic is the same on any thread."""
+    library = load()
+    if library is None:
+        raise RuntimeError("the native decode attention is not available here")
+    for tensor in (query, key, value):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError("the native decode attention takes float32 CPU tensors")
+    rows, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    value_dim = value.shape[-1]
+    query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    first = np.ascontiguousarray(first, dtype=np.int64)
+    if first.shape != (rows,):
+        raise ValueError(f"one first position per row expected: {rows} rows, {first.shape}")
+    out = torch.empty(rows, heads, 1, value_dim, dtype=torch.float32)
+    key_strides = np.array(key.stride()[:3], dtype=np.int64)
+    value_strides = np.array(value.stride()[:3], dtype=np.int64)
+    arguments = (
+        query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+        first.ctypes.data, heads, kv_heads, length, dim, value_dim,
+        key_strides.ctypes.data, value_strides.ctypes.data, scale,
+    )  # fmt: skip
+    pairs = rows * kv_heads
+    threads = max(1, min(threads, pairs))
+    bounds = [pairs * i // threads for i in range(threads + 1)]
+
+    def run(start: int, end: int) -> int:
+        return int(library.decode_attention(*arguments, start, end))
+
+    if threads == 1:
+        statuses = [run(0, pairs)]
+    else:
+        statuses = list(native._workers(threads).map(run, bounds[:-1], bounds[1:]))
+    if any(statuses):
+        raise MemoryError("the native decode attention could not allocate its scratch memory")
+    return out
