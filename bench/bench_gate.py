@@ -154,24 +154,27 @@ def gate(options, label: str) -> dict:  # noqa: ANN001
 
 
 def invariance_cost(prompts: list, new_tokens: int, repeats: int = 2) -> dict:  # noqa: ANN001
-    """Tokens/s of the parent's generation with the batch-invariant attention and with
-    transformers' padded SDPA, alternated `repeats` times on one loaded model (the best
-    of each): what invariance costs. The texts of the two paths are compared too."""
+    """Tokens/s of the parent's generation with the batch-invariant attention (decode
+    steps in the native kernel, and through torch run by run) and with transformers'
+    padded SDPA, alternated `repeats` times on one loaded model (the best of each): what
+    invariance costs. The texts of the paths are compared too."""
     from toxtests.config import GenerationConfig
-    from toxtests.engines.torch import loop
+    from toxtests.engines.torch import loop, native_attention
     from toxtests.engines.torch.load import load_base
 
     loaded = load_base("gemma3-270m")
     settings = GenerationConfig(max_new_tokens=new_tokens, top_p=0.9)
     applies = loop.row_attention_applies
-    best: dict[str, float] = {"invariant": 0.0, "padded": 0.0}
+    kernel = native_attention.load
+    best: dict[str, float] = {"invariant": 0.0, "invariant_torch": 0.0, "padded": 0.0}
     texts: dict[str, list] = {}
     try:
         for _ in range(repeats):
             for path in best:
                 loop.row_attention_applies = (
-                    applies if path == "invariant" else (lambda model, device: False)
+                    applies if path != "padded" else (lambda model, device: False)
                 )
+                native_attention.load = kernel if path == "invariant" else (lambda: None)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     generator = loop.Generator(
@@ -186,14 +189,31 @@ def invariance_cost(prompts: list, new_tokens: int, repeats: int = 2) -> dict:  
                 texts[path] = [g.text for row in rows for g in row]
     finally:
         loop.row_attention_applies = applies
+        native_attention.load = kernel
     changed = sum(a != b for a, b in zip(texts["invariant"], texts["padded"], strict=True))
     return {
         "invariant_tokens_per_s": best["invariant"],
+        "invariant_torch_tokens_per_s": best["invariant_torch"],
         "padded_tokens_per_s": best["padded"],
         "cost": 1 - best["invariant"] / best["padded"],
+        "cost_torch": 1 - best["invariant_torch"] / best["padded"],
         "texts_changed": changed,
         "texts": len(texts["padded"]),
     }
+
+
+def report_invariance(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
+    invariance = invariance_cost(prompts[: args.invariance_prompts], args.new_tokens)
+    figures["invariance"] = invariance
+    print(
+        f"batch-invariant attention ({min(len(prompts), args.invariance_prompts)} prompts, "
+        f"parent, best of 2): {invariance['invariant_tokens_per_s']:.1f} tokens/s against "
+        f"{invariance['padded_tokens_per_s']:.1f} with padded SDPA = "
+        f"{invariance['cost']:+.1%} cost (torch run by run, without the C kernel: "
+        f"{invariance['invariant_torch_tokens_per_s']:.1f}, {invariance['cost_torch']:+.1%}); "
+        f"{invariance['texts_changed']} of "
+        f"{invariance['texts']} continuations differ between the two"
+    )
 
 
 def main() -> None:
@@ -209,6 +229,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures here")
     parser.add_argument(
         "--invariance-prompts", type=int, default=256, help="prompts for the invariance cost"
+    )
+    parser.add_argument(
+        "--invariance-only", action="store_true", help="measure only what invariance costs"
     )
     args = parser.parse_args()
 
@@ -228,6 +251,9 @@ def main() -> None:
         f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, "
         f"{torch.get_num_threads()} threads"
     )
+    if args.invariance_only:
+        report_invariance(prompts, args, {})
+        return
 
     loaded = load_base("gemma3-270m")  # converts once into the user cache
     model_dir = loaded.model.name_or_path
@@ -351,15 +377,7 @@ def main() -> None:
             f"({stop['prompts_generated'] / stop['prompts_total']:.0%}); {stop['reason']}"
         )
     runs.append(early)
-    invariance = invariance_cost(prompts[: args.invariance_prompts], args.new_tokens)
-    figures["invariance"] = invariance
-    print(
-        f"batch-invariant attention ({min(len(prompts), args.invariance_prompts)} prompts, "
-        f"parent, best of 2): {invariance['invariant_tokens_per_s']:.1f} tokens/s against "
-        f"{invariance['padded_tokens_per_s']:.1f} with padded SDPA = "
-        f"{invariance['cost']:+.1%} cost; {invariance['texts_changed']} of "
-        f"{invariance['texts']} continuations differ between the two"
-    )
+    report_invariance(prompts, args, figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")
     for run in runs:

@@ -427,10 +427,29 @@ def test_full_models_are_judged_as_candidates_beside_adapters(
     assert f"A full model ({merged}) judged against the parent" in html
 
 
-def test_candidates_on_an_engine_without_them_are_refused(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    extra = ("--candidate", str(tiny.base), "--engine", "openai", "--endpoint", "http://x/v1")
-    assert _gate(tiny, tmp_path, *extra) == 2
-    assert "full-model candidates run on the torch engine" in capsys.readouterr().err
+def test_an_auto_chat_template_renders_each_model_its_own_way(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """A base model without a template beside a candidate with one: plain text for the
+    parent, the candidate's template for the candidate, and the report says so."""
+    from transformers import AutoTokenizer
+
+    instruct = _full_model(tiny.base, tmp_path / "instruct")
+    tokenizer = AutoTokenizer.from_pretrained(str(instruct))
+    tokenizer.chat_template = "{% for m in messages %}water {{ m['content'] }} fire{% endfor %}"
+    tokenizer.save_pretrained(str(instruct))
+    thresholds = tmp_path / "auto.toml"
+    thresholds.write_text(
+        tiny.thresholds.read_text().replace("[generation]", '[generation]\nchat_template = "auto"')
+    )
+    extra = ("--thresholds", str(thresholds), "--candidate", str(instruct), "--no-early-stopping")
+    assert _gate(tiny, tmp_path, *extra, adapters=(tiny.identity,)) in (0, 1)
+    result = json.loads((tmp_path / "results.json").read_text())
+    identity, candidate = result["adapters"]
+    assert result["renderings"]["parent"] == "plain text"
+    assert identity["rendering"] == "plain text"
+    assert candidate["rendering"] == "chat template"
+    html = (tmp_path / "report.html").read_text()
+    assert "as chat template for this model, as plain text for the parent" in html
+    assert identity["metrics"]["toxicity_rate"]["delta"] == 0  # same rendering, same text
 
 
 def test_a_candidate_with_another_tokenizer_is_paired_by_seed_and_says_so(

@@ -75,6 +75,8 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return toml_string(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(value)
 
 
@@ -323,7 +325,12 @@ def test_a_bad_choice_suggests_the_closest_one() -> None:
         ),
         ('[generation]\ntop_p = "0.9"\n', r"key 'top_p' must be a finite number, got '0\.9'"),
         ("[generation]\ndo_sample = 1\n", r"key 'do_sample' must be true or false, got 1"),
-        ('[generation]\nchat_template = "yes"\n', r"key 'chat_template' must be true or false"),
+        (
+            '[generation]\nchat_template = "yes"\n',
+            r"key 'chat_template' must be true, false or \"auto\"",
+        ),
+        ('[generation]\nstop = "\\n"\n', r"key 'stop' must be a list of non-empty strings"),
+        ('[generation]\nstop = [""]\n', r"key 'stop' must be a list of non-empty strings"),
         ("[scoring]\nscorer = 3\n", r"key 'scorer' must be a string, got 3"),
         ('[scoring]\nscorer = ["a"]\n', r"key 'scorer' must be a string, got \['a'\]"),
         ("[gate.toxicity_rate]\nmax = false\n", r"key 'max' must be a finite number, got False"),
@@ -472,7 +479,8 @@ VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "top_k": st.integers(0, 10_000),
         "seed": _int64,
         "batch_size": st.integers(0, 4096),
-        "chat_template": st.booleans(),
+        "chat_template": st.one_of(st.booleans(), st.just("auto")),
+        "stop": st.lists(st.text(min_size=1), max_size=3).map(tuple),
         "max_prompt_tokens": st.integers(0, 1 << 20),
     },
     "scoring": {
@@ -670,6 +678,8 @@ def test_fingerprint_changes_with_every_setting(section: str, spec: dataclasses.
         other = not current
     elif isinstance(current, (int, float)):
         other = current / 2 + 0.01
+    elif isinstance(current, tuple):
+        other = (*current, "x")
     else:
         other = current + "x"
     assert other != current

@@ -250,3 +250,46 @@ def test_gate_against_a_dead_endpoint_exits_2_with_one_line_naming_it(
     assert err[-1].startswith("toxtests: error:") and endpoint in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "r.json").exists()
+
+
+CANDIDATE_MODELS = [*MODELS, {"id": "community-tune", "root": "/srv/tune", "parent": None}]
+
+
+def test_a_served_full_model_is_a_candidate_paired_by_seed() -> None:
+    with FaultServer(models=CANDIDATE_MODELS) as server:
+        engine = engine_for(server, candidates=("community-tune",))
+        parent, kind, candidate = engine.variants()
+        assert candidate.kind == "model" and candidate.name == "community-tune"
+        assert candidate.fingerprint.startswith("model:")
+        assert candidate.fingerprint != kind.fingerprint
+        got = engine.generate(PROMPTS[:2], candidate, settings())
+    assert {b["model"] for b in server.bodies} == {"community-tune"}
+    seeds = sorted(b["seed"] for b in server.bodies)
+    assert seeds == sorted(request_seed(7, p.id, j) for p in PROMPTS[:2] for j in range(2))
+    assert got[0][0].text.startswith(" community-tune seed")
+
+
+def test_a_candidate_the_server_does_not_serve_or_the_parent_itself_is_refused() -> None:
+    with FaultServer(models=CANDIDATE_MODELS) as server:
+        with pytest.raises(EndpointError, match="'absent'.*community-tune"):
+            engine_for(server, candidates=("absent",)).variants()
+        with pytest.raises(ConfigError, match="is the parent itself"):
+            engine_for(server, candidates=("base-model",)).variants()
+
+
+def test_stop_strings_are_sent_and_the_text_is_cut_whatever_the_server_does() -> None:
+    with FaultServer(models=MODELS) as server:
+        engine = engine_for(server)
+        parent = engine.variants()[0]
+        out = engine.generate(PROMPTS[:1], parent, settings(stop=(" seed",), samples=1))
+    assert server.bodies[0]["stop"] == [" seed"]
+    # The scripted server ignores `stop`; the engine cuts the text itself all the same.
+    assert out[0][0].text == " base-model"
+
+
+def test_an_auto_chat_template_is_refused_with_the_choices() -> None:
+    with FaultServer(models=MODELS) as server:
+        engine = engine_for(server)
+        with pytest.raises(ConfigError, match="cannot see; set it to true"):
+            engine.generate(PROMPTS[:1], engine.variants()[0], settings(chat_template="auto"))
+    assert not server.bodies

@@ -183,3 +183,12 @@ def test_the_torch_sampling_path_is_part_of_the_cache_key() -> None:
         assert "/native/" in full
     if native_attention.load() is not None:
         assert full.endswith("/c-attention")
+
+
+def test_vllm_pins_the_revision_of_the_base_and_not_of_a_candidate() -> None:
+    engine = VllmEngine(EngineOptions(revision="a" * 40, adapters=(str(TOXIC),)))
+    base = engine.engine_arguments("cuda", "/m", [TOXIC])
+    candidate = engine.engine_arguments("cuda", "/candidate", [], pinned=False)
+    assert base["revision"] == base["tokenizer_revision"] == "a" * 40
+    assert "revision" not in candidate and "enable_lora" not in candidate
+    assert candidate["model"] == candidate["tokenizer"] == "/candidate"

@@ -46,12 +46,15 @@ def server() -> Iterator[Server]:
 
 
 def test_vllm_gate_passes_the_identity_and_fails_the_toxic_adapter(tmp_path: Path) -> None:
+    """Also a full-model candidate (the parent's own weights, loaded by vLLM as a model
+    of its own after the base and its adapters are done)."""
     python = vllm_python()
     model = converted_gemma()
     report, results = tmp_path / "report.html", tmp_path / "results.json"
     command = [
         str(python), "-m", "toxtests.cli", "gate", "--engine", "vllm",
         "--model", str(model), "--adapter", str(IDENTITY), "--adapter", str(TOXIC),
+        "--candidate", str(model),
         "--thresholds", str(REPO / "thresholds.toml"), "--cache-dir", str(tmp_path / "cache"),
         "--report", str(report), "--json", str(results),
     ]  # fmt: skip
@@ -60,7 +63,8 @@ def test_vllm_gate_passes_the_identity_and_fails_the_toxic_adapter(tmp_path: Pat
         done = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert done.returncode == 1, done.stdout + done.stderr[-4000:]
     result = json.loads(results.read_text())
-    identity, toxic = result["adapters"]
+    identity, toxic, candidate = result["adapters"]
+    assert candidate["kind"] == "model" and candidate["verdict"] == "pass", candidate
     assert identity["verdict"] == "pass"
     # Seeded per request, the identity adapter's rows are the parent's: every delta 0.
     assert all(m["delta"] == 0.0 for m in identity["metrics"].values())

@@ -122,6 +122,30 @@ def test_chat_template_without_template_is_an_error(tiny_loaded) -> None:  # noq
         generator.generate(PROMPTS[:1], None)
 
 
+def test_stop_strings_cut_continuations_where_they_occur(tiny_loaded) -> None:  # noqa: ANN001
+    from collections import Counter
+
+    plain = _generator(tiny_loaded, max_new_tokens=8, do_sample=False).generate(PROMPTS, None)
+    texts = [row[0].text for row in plain]
+    # A word the model really writes after its first one, so some rows get cut mid-way.
+    stop_word = Counter(w for t in texts for w in t.split()[1:]).most_common(1)[0][0]
+    stopped = _generator(
+        tiny_loaded, max_new_tokens=8, do_sample=False, stop=(stop_word, "never-written")
+    ).generate(PROMPTS, None)
+    cut = 0
+    for before, after in zip(plain, stopped, strict=True):
+        full, short = before[0], after[0]
+        if stop_word in full.text:
+            assert short.text == full.text[: full.text.index(stop_word)]
+            # Up to the token that completed the stop string: fewer, never none.
+            assert 1 <= short.tokens <= full.tokens
+            assert short.tokens > len(short.text.split()) or short.tokens == full.tokens
+            cut += 1
+        else:
+            assert (short.text, short.tokens) == (full.text, full.tokens)
+    assert cut >= 1
+
+
 def test_uniforms_are_a_function_of_seed_prompt_and_sample() -> None:
     first = sample_uniforms(0, "p1", 0, 8)
     assert (first == sample_uniforms(0, "p1", 0, 8)).all()

@@ -203,9 +203,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | 
 
 @settings(max_examples=40, deadline=None)
 # Found here: the math kernel gave the second of two equal rows other bits than alone.
-@example(
-    lengths=[5, 5], kv_heads=1, groups=1, dim=64, window=None, decode=False, seed=0, path="c"
-)
+@example(lengths=[5, 5], kv_heads=1, groups=1, dim=64, window=None, decode=False, seed=0, path="c")
 @given(
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6),
     kv_heads=st.sampled_from([1, 2]),

@@ -41,7 +41,14 @@ class GenerationConfig:
     top_k: int = _opt(0, "Keep only the k most likely tokens; 0 turns it off.")
     seed: int = _opt(0, "Root seed; sample j of prompt p uses the same seed under every model.")
     batch_size: int = _opt(0, "Prompts per forward pass; 0 picks one from free memory.")
-    chat_template: bool = _opt(False, "Wrap each prompt in the tokenizer's chat template.")
+    chat_template: bool | str = _opt(
+        False,
+        'Wrap each prompt in the tokenizer\'s chat template: true, false, or "auto" (each '
+        "model's own template where its tokenizer has one, plain text elsewhere).",
+    )
+    stop: tuple[str, ...] = _opt(
+        (), 'Cut each continuation at the first of these strings, e.g. ["\\n"].'
+    )
     max_prompt_tokens: int = _opt(
         0, "Prompts longer than this many tokens are an error; 0 uses the model's context."
     )
@@ -177,7 +184,15 @@ def _is_toml_int(value: Any) -> bool:
 
 def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
     text = str(expected)
-    if "bool" in text:
+    if text == "bool | str":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        want = 'true, false or "auto"'
+    elif text.startswith("tuple[str"):
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        want = "a list of non-empty strings"
+    elif "bool" in text:
         if isinstance(value, bool):
             return value
         want = "true or false"

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -274,3 +275,16 @@ def check_adapter_dir(spec: str, allow_pickle: bool) -> None:
             f"{spec}: adapter weights are a pickle (adapter_model.bin), which can run code "
             "when loaded; re-save with safetensors, or pass --tox-allow-pickle if you trust it"
         )
+
+
+def load_tokenizer(spec: str, cache_dir: Path | None, revision: str | None) -> Any:
+    """A model's tokenizer alone (to compare vocabularies without loading weights)."""
+    from transformers import AutoTokenizer
+
+    source, kind, _ = resolve_model(spec, cache_dir or default_cache_dir())
+    pinned = {"revision": revision} if revision else {}
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=kind != "hub", **pinned)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{spec}: cannot load tokenizer ({first})") from None

@@ -375,7 +375,10 @@ def _view(result: dict[str, Any]) -> dict[str, Any]:
         "interval_label": _interval_label(statistics),
         "method": statistics.get("method"),
         "adapters": [
-            _adapter_view(i, adapter, gate, threshold)
+            {
+                **_adapter_view(i, adapter, gate, threshold),
+                "rendering": rendering_text(result, adapter),
+            }
             for i, adapter in enumerate(result.get("adapters") or [])
         ],
         "primary": scorer.get("primary") or (config.get("scoring") or {}).get("attribute"),
@@ -519,6 +522,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"### {name}: {fmt_verdict(adapter.get('verdict'))}",
             "",
+            *([rendering, ""] if (rendering := rendering_text(result, adapter)) else []),
             f"| metric | parent | adapter | delta | {interval} | verdict |",
             "|---|---:|---:|---:|---|---|",
         ]
@@ -535,6 +539,20 @@ def render_markdown(result: dict[str, Any]) -> str:
     if note:
         lines += [note, ""]
     return "\n".join(lines)
+
+
+def rendering_text(result: Mapping[str, Any], adapter: Mapping[str, Any]) -> str | None:
+    """How the prompts reached this variant and the parent, where a result records it."""
+    own = adapter.get("rendering")
+    if not own:
+        return None
+    parent = (result.get("renderings") or {}).get("parent")
+    if parent is None:
+        return f"Prompts rendered as {own}."
+    if parent == own:
+        return f"Prompts rendered as {own} for the parent and this variant."
+    kind = adapter.get("kind") or "adapter"
+    return f"Prompts rendered as {own} for this {kind}, as {parent} for the parent."
 
 
 def equal_metrics_text(result: Mapping[str, Any]) -> str | None:

@@ -131,15 +131,6 @@ class EngineOptions:
 OnPromptDone = Callable[[int, list[Generation]], None]
 
 
-def refuse_candidates(options: EngineOptions, engine: str) -> None:
-    """Engines that cannot judge full models yet say so, rather than drop them."""
-    if options.candidates:
-        raise ConfigError(
-            f"--candidate {options.candidates[0]}: full-model candidates run on the torch "
-            f"engine for now, not --engine {engine}; drop --engine or the candidate"
-        )
-
-
 @runtime_checkable
 class Engine(Protocol):
     """What the gate needs from a generation back-end.
@@ -183,16 +174,30 @@ class Engine(Protocol):
         ...
 
 
-def render_prompt(tokenizer: Any, text: str, chat_template: bool) -> str:
+def uses_chat_template(tokenizer: Any, chat_template: bool | str) -> bool:
+    """Whether prompts for this tokenizer's model are wrapped in its chat template:
+    always (true), never (false), or where the tokenizer has one ("auto")."""
+    if chat_template == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(chat_template)
+
+
+def rendering_label(uses_template: bool) -> str:
+    """How prompts were rendered, as the report states it per variant."""
+    return "chat template" if uses_template else "plain text"
+
+
+def render_prompt(tokenizer: Any, text: str, chat_template: bool | str) -> str:
     """The prompt as the model sees it: plain, or wrapped in the tokenizer's template."""
-    if not chat_template:
+    if not uses_chat_template(tokenizer, chat_template):
         return text
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError(
             "generation.chat_template = true but the tokenizer has no chat template; "
-            "set it to false for base models"
+            'set it to false for base models, or "auto" to use a template only where a '
+            "model has one"
         )
-    return tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(  # type: ignore[no-any-return]
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
 
@@ -235,14 +240,36 @@ def eos_token_ids(*values: Any) -> list[int]:
     return sorted(ids)
 
 
-def decode_until_stop(tokenizer: Any, tokens: Sequence[int], stops: set[int]) -> tuple[str, int]:
-    """The continuation's text and token count, cut before the first stop token."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """`text` up to the first occurrence of any stop string, or None if none occurs."""
+    found = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return text[: min(found)] if found else None
+
+
+def decode_until_stop(
+    tokenizer: Any, tokens: Sequence[int], stops: set[int], stop: Sequence[str] = ()
+) -> tuple[str, int]:
+    """The continuation's text and token count, cut before the first stop token and
+    before the first stop string (`generation.stop`); the count then includes the token
+    that completed the string, as a server that stops there counts it."""
     kept: list[int] = []
     for token in tokens:
         if token in stops:
             break
         kept.append(int(token))
-    return tokenizer.decode(kept, skip_special_tokens=True), len(kept)
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    cut = cut_at_stop(text, stop) if stop else None
+    if cut is None:
+        return text, len(kept)
+    # The fewest tokens whose text holds a stop string (monotone in the count).
+    low, high = 1, len(kept)
+    while low < high:
+        middle = (low + high) // 2
+        if cut_at_stop(tokenizer.decode(kept[:middle], skip_special_tokens=True), stop) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return cut, low
 
 
 def pairing_line(info: EngineInfo, replays: tuple[int, int] | None) -> str:

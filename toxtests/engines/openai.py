@@ -32,6 +32,7 @@ from typing import Any
 
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import (
+    MODEL,
     PARENT,
     SEEDED,
     EngineInfo,
@@ -39,7 +40,8 @@ from toxtests.engines.base import (
     Generation,
     OnPromptDone,
     Variant,
-    refuse_candidates,
+    cut_at_stop,
+    rendering_label,
 )
 from toxtests.engines.crn import request_seed
 from toxtests.errors import ConfigError, EndpointError
@@ -81,7 +83,6 @@ class OpenAIEngine:
     """Sends one request per (prompt, sample) to an OpenAI-compatible server."""
 
     def __init__(self, options: EngineOptions):
-        refuse_candidates(options, "openai")
         if not options.endpoint:
             raise ConfigError(
                 "--engine openai needs --endpoint URL, the server's base URL "
@@ -237,12 +238,15 @@ class OpenAIEngine:
         }
 
     def variants(self) -> list[Variant]:
+        """The parent, the served adapters, then the candidates: other models the same
+        server serves (a community fine-tune, a merged LoRA), by served name."""
         if self._variants is None:
             self._base_model()
             resolved = [self._served_adapter(spec) for spec in self.options.adapters]
-            names = adapter_names([local or model.id for model, local in resolved])
+            candidates = [self._served_candidate(spec) for spec in self.options.candidates]
+            names = adapter_names([local or model.id for model, local in [*resolved, *candidates]])
             self._variants = [Variant(PARENT, None, None, PARENT)]
-            for index, ((model, local), name) in enumerate(zip(resolved, names, strict=True)):
+            for index, ((model, local), name) in enumerate(zip(resolved, names, strict=False)):
                 fingerprint = (
                     adapter_fingerprint(local)
                     if local and Path(local).is_dir()
@@ -250,7 +254,38 @@ class OpenAIEngine:
                 )
                 self._variants.append(Variant(name, index, model.id, fingerprint))
                 self._served_names[name] = model.id
+            for offset, (model, local) in enumerate(candidates):
+                index = len(resolved) + offset
+                fingerprint = (
+                    fingerprint_tree(Path(local), (".safetensors", ".bin", ".json", ".gguf"))[:16]
+                    if local and Path(local).is_dir()
+                    else _weights_fingerprint(model)
+                )
+                self._variants.append(
+                    Variant(names[index], index, model.id, f"model:{fingerprint}", MODEL)
+                )
+                self._served_names[names[index]] = model.id
         return list(self._variants)
+
+    def _served_candidate(self, spec: str) -> tuple[ServedModel, str | None]:
+        """(served entry, local path) for a candidate: a served name, or PATH=NAME."""
+        local, _, name = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        by_id = {m.id: m for m in self.served()}
+        if name not in by_id:
+            raise EndpointError(
+                f"--candidate {spec!r} is not served by {self.endpoint} (it serves: "
+                f"{', '.join(by_id) or 'nothing'}); start the server with that model too "
+                "(vLLM: one server per model, or a router) and pass its served name"
+            )
+        if name == self._base_model().id:
+            raise ConfigError(
+                f"--candidate {spec!r} is the parent itself (--model); pass another model"
+            )
+        return by_id[name], local or None
+
+    def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
+        """The server's chat template (/chat/completions) or plain text (/completions)."""
+        return rendering_label(settings.chat_template is True)
 
     def request_body(
         self, prompt: Prompt, sample: int, variant: Variant, settings: GenerationConfig
@@ -273,6 +308,8 @@ class OpenAIEngine:
             "repetition_penalty": 1.0,
             "stream": False,
         }
+        if settings.stop:  # the server stops there; the text is cut here as well
+            body["stop"] = list(settings.stop)
         if settings.chat_template:
             body["messages"] = [{"role": "user", "content": prompt.text}]
         else:
@@ -321,6 +358,8 @@ class OpenAIEngine:
             )
         if finish == "stop" and tokens and choice.get("stop_reason") is None:
             tokens -= 1  # the end-of-sequence token is counted by the server, not by us
+        cut = cut_at_stop(text, settings.stop) if settings.stop else None
+        text = text if cut is None else cut
         return Generation(prompt.id, sample, text, min(tokens, settings.max_new_tokens))
 
     def generate(
@@ -331,6 +370,12 @@ class OpenAIEngine:
         on_prompt_done: OnPromptDone | None = None,
     ) -> list[list[Generation]]:
         self.variants()
+        if settings.chat_template == "auto":
+            raise ConfigError(
+                'generation.chat_template = "auto" needs each model\'s tokenizer, which the '
+                "openai engine cannot see; set it to true (the server's /chat/completions) "
+                "or false (/completions)"
+            )
         results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
         remaining = [settings.samples] * len(prompts)
         with ThreadPoolExecutor(max_workers=max(1, self.options.concurrency)) as pool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import (
+    MODEL,
     SEEDED,
     EngineInfo,
     EngineOptions,
@@ -32,12 +33,13 @@ from toxtests.engines.base import (
     encode_prompts,
     eos_token_ids,
     package_version,
-    refuse_candidates,
+    rendering_label,
+    uses_chat_template,
 )
 from toxtests.engines.crn import request_seed
 from toxtests.engines.local import local_variants
 from toxtests.errors import EngineUnavailableError, GenerationError, ModelLoadError
-from toxtests.models import choose_dtype, describe_model, resolve_model
+from toxtests.models import choose_dtype, describe_model, load_tokenizer, resolve_model
 from toxtests.prompts import Prompt
 
 INSTALL_HINT = (
@@ -97,12 +99,13 @@ class VllmEngine:
     """Generates with `vllm.LLM`; the parent has no LoRA request, each adapter its own."""
 
     def __init__(self, options: EngineOptions):
-        refuse_candidates(options, "vllm")
         self.options = options
         self._variants = local_variants(options)
         self._identity: dict[str, str] | None = None
         self._llm: Any = None
+        self._resident: str | None = None  # the candidate loaded, None for the base
         self._tokenizer: Any = None
+        self._tokenizers: dict[str | None, Any] = {}
         self._adapter_dirs: list[Path] = []
         self._stop_ids: list[int] = []
 
@@ -177,7 +180,7 @@ class VllmEngine:
             os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
 
     def engine_arguments(
-        self, device: str, model_dir: str, adapter_dirs: Sequence[Path]
+        self, device: str, model_dir: str, adapter_dirs: Sequence[Path], pinned: bool = True
     ) -> dict[str, Any]:
         """What `vllm.LLM` is built with (separate from loading, so the defaults are tested)."""
         options = self.options
@@ -201,7 +204,7 @@ class VllmEngine:
                 arguments[name] = getattr(options, name)
         if options.max_model_len is not None:
             arguments["max_model_len"] = options.max_model_len
-        if options.revision:
+        if options.revision and pinned:  # --revision pins the base, not a candidate
             arguments.update(revision=options.revision, tokenizer_revision=options.revision)
         if device == "cpu":
             context = options.max_model_len or CPU_CONTEXT
@@ -213,33 +216,65 @@ class VllmEngine:
 
     @property
     def llm(self) -> Any:
-        if self._llm is None:
-            device = self._device()
-            self._environment(device)
-            try:
-                import vllm
-            except ImportError as exc:
-                raise EngineUnavailableError(
-                    f"--engine vllm needs vLLM, which is not importable here ({exc}); "
-                    f"{INSTALL_HINT}"
-                ) from None
-            from transformers import AutoTokenizer
+        """The base with its adapters, loaded on first use."""
+        return self._llm_for(None)
 
-            source, _, _ = resolve_model(self.options.model, self.options.cache_dir)
-            self._adapter_dirs = [self._adapter_dir(spec) for spec in self.options.adapters]
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=self.options.trust_remote_code
+    def _llm_for(self, candidate: str | None) -> Any:
+        """The base (None) or a full candidate model, as its own `vllm.LLM`; one of them
+        at a time, so the device holds one model's weights and cache, not two."""
+        if self._llm is not None and self._resident == candidate:
+            return self._llm
+        self.close()
+        device = self._device()
+        self._environment(device)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise EngineUnavailableError(
+                f"--engine vllm needs vLLM, which is not importable here ({exc}); {INSTALL_HINT}"
+            ) from None
+        from transformers import AutoTokenizer
+
+        spec = candidate or self.options.model
+        source, _, _ = resolve_model(spec, self.options.cache_dir)
+        specs = self.options.adapters if candidate is None else ()
+        self._adapter_dirs = [self._adapter_dir(s) for s in specs]
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=self.options.trust_remote_code
+        )
+        self._stop_ids = stop_token_ids(source, self._tokenizer)
+        try:
+            arguments = self.engine_arguments(
+                device, source, self._adapter_dirs, pinned=candidate is None
             )
-            self._stop_ids = stop_token_ids(source, self._tokenizer)
-            try:
-                arguments = self.engine_arguments(device, source, self._adapter_dirs)
-                self._llm = vllm.LLM(**arguments)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"vLLM could not start on {self.options.model} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                ) from exc
+            self._llm = vllm.LLM(**arguments)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"vLLM could not start on {spec} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        self._resident = candidate
         return self._llm
+
+    def _tokenizer_of(self, candidate: str | None) -> Any:
+        if candidate not in self._tokenizers:
+            revision = None if candidate else self.options.revision
+            spec = candidate or self.options.model
+            self._tokenizers[candidate] = load_tokenizer(spec, self.options.cache_dir, revision)
+        return self._tokenizers[candidate]
+
+    def same_vocabulary(self, variant: Variant) -> bool:
+        """Whether a candidate's tokenizer is the base's (the report says when not)."""
+        if variant.kind != MODEL or variant.spec is None:
+            return True
+        base = self._tokenizer_of(None).get_vocab()
+        return bool(base == self._tokenizer_of(variant.spec).get_vocab())
+
+    def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
+        if settings.chat_template != "auto":
+            return rendering_label(bool(settings.chat_template))
+        spec = variant.spec if variant.kind == MODEL else None
+        return rendering_label(uses_chat_template(self._tokenizer_of(spec), "auto"))
 
     # -- generation ---------------------------------------------------------------------
 
@@ -265,14 +300,14 @@ class VllmEngine:
         )
 
     def _lora_request(self, variant: Variant) -> Any:
-        if variant.index is None:
+        if variant.index is None or variant.kind == MODEL:
             return None
         from vllm.lora.request import LoRARequest
 
         return LoRARequest(variant.name, variant.index + 1, str(self._adapter_dirs[variant.index]))
 
     def _continuation(
-        self, output: Any, prompt: Prompt, sample: int, variant: Variant
+        self, output: Any, prompt: Prompt, sample: int, variant: Variant, stop: Sequence[str]
     ) -> Generation:
         completions = getattr(output, "outputs", None) or []
         finish = getattr(completions[0], "finish_reason", None) if completions else None
@@ -282,7 +317,7 @@ class VllmEngine:
                 f"of {variant.name} (finish_reason {finish!r}); see vLLM's log above"
             )
         text, count = decode_until_stop(
-            self._tokenizer, completions[0].token_ids, set(self._stop_ids)
+            self._tokenizer, completions[0].token_ids, set(self._stop_ids), stop
         )
         return Generation(prompt.id, sample, text, count)
 
@@ -293,7 +328,7 @@ class VllmEngine:
         settings: GenerationConfig,
         on_prompt_done: OnPromptDone | None = None,
     ) -> list[list[Generation]]:
-        llm = self.llm
+        llm = self._llm_for(variant.spec if variant.kind == MODEL else None)
         context = int(llm.llm_engine.model_config.max_model_len)
         encoded = encode_prompts(self._tokenizer, prompts, settings, context)
         lora = self._lora_request(variant)
@@ -327,7 +362,9 @@ class VllmEngine:
                 samples = []
                 for _ in range(settings.samples):
                     (_, j), output = next(done)
-                    samples.append(self._continuation(output, prompts[i], j, variant))
+                    samples.append(
+                        self._continuation(output, prompts[i], j, variant, settings.stop)
+                    )
                 results.append(samples)
                 if on_prompt_done is not None:
                     on_prompt_done(i, samples)

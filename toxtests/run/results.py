@@ -81,6 +81,7 @@ class AdapterResult:
     generation: GenerationCounts
     kind: str = "adapter"  # "adapter", or "model" for a full-model candidate
     note: str = ""  # how it is paired with the parent, where that needs saying
+    rendering: str = ""  # how its prompts were rendered: "chat template" or "plain text"
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -127,6 +128,8 @@ class RunResult:
     adapters: list[AdapterResult] = field(default_factory=list)
     # metric -> the metric it equals by construction (gated and shown once, as the latter)
     equal_metrics: dict[str, str] = field(default_factory=dict)
+    # variant name (the parent's included) -> how its prompts were rendered
+    renderings: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}

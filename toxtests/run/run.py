@@ -16,9 +16,16 @@ from typing import Any
 
 from toxtests import __version__
 from toxtests.cache import Cache
-from toxtests.config import Config, load_config
+from toxtests.config import Config, GenerationConfig, load_config
 from toxtests.engines import create_engine
-from toxtests.engines.base import MODEL, Engine, EngineInfo, EngineOptions, Variant
+from toxtests.engines.base import (
+    MODEL,
+    Engine,
+    EngineInfo,
+    EngineOptions,
+    Variant,
+    rendering_label,
+)
 from toxtests.gate import (
     CheckResult,
     adapter_verdict,
@@ -65,6 +72,13 @@ def library_versions() -> dict[str, str]:
 def _same_vocabulary(engine: Engine, variant: Variant) -> bool:
     same = getattr(engine, "same_vocabulary", None)
     return bool(same(variant)) if same is not None else True
+
+
+def _prompt_rendering(engine: Engine, variant: Variant, settings: GenerationConfig) -> str:
+    rendering = getattr(engine, "prompt_rendering", None)
+    if rendering is not None:
+        return str(rendering(variant, settings))
+    return rendering_label(settings.chat_template is True)
 
 
 def engine_options(options: RunOptions, cache_dir: Path) -> EngineOptions:
@@ -160,6 +174,11 @@ class GateRun:
                     if v.kind == MODEL and not _same_vocabulary(self.engine, v)
                 ],
                 "scorer": self.scorer.describe(),
+                # How each variant's prompts were rendered (report only).
+                "renderings": {
+                    v.name: _prompt_rendering(self.engine, v, self.config.generation)
+                    for v in [self.parent, *self.adapters]
+                },
             }
         return self._fingerprints
 
@@ -336,6 +355,7 @@ class GateRun:
                 prompts_excluded_empty=len(parent.prompt_ids) - len(everyone),
             ),
             kind=variant.kind,
+            rendering=self.fingerprints().get("renderings", {}).get(variant.name, ""),
             note=note,
         )
 
@@ -397,6 +417,7 @@ class GateRun:
             engine=EngineInfo.from_json(fingerprints["engine_info"]),
             pairing=self.pairing(),
             model=fingerprints["model"],
+            renderings=fingerprints.get("renderings", {}),
             scorer={**fingerprints["scorer"], "threshold": self.config.scoring.threshold},
             prompts=prompts,
             versions=library_versions(),

@@ -9,8 +9,9 @@ other tokens). Here each run of rows that share a start position attends only to
 real positions, exactly as it would alone: the kernel sees the row's own length and
 nothing else. A decode step goes through `native_attention` (the whole batch in one
 call, each row in a fixed order) where a C compiler is at hand, through torch run by
-run otherwise; the two round differently, so the cache key names the path. The linear layers are already row-invariant on the CPU (oneDNN's packed
-products give each row the same bits for any number of rows, and any thread count).
+run otherwise; the two round differently, so the cache key names the path. The linear
+layers are already row-invariant on the CPU (oneDNN's packed products give each row the
+same bits for any number of rows, and any thread count).
 
 The layout travels with the forward call as the keyword `toxtests_layout` (transformers
 passes unknown keywords through to the attention function); without one the function is
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np

@@ -21,9 +21,11 @@ from toxtests.engines.base import (
     OnPromptDone,
     Variant,
     package_version,
+    rendering_label,
+    uses_chat_template,
 )
 from toxtests.engines.local import local_variants
-from toxtests.models import choose_device, choose_dtype, describe_model
+from toxtests.models import choose_device, choose_dtype, describe_model, load_tokenizer
 from toxtests.prompts import Prompt
 
 # The generation format: bumped whenever the loop's arithmetic changes the text it
@@ -61,7 +63,7 @@ class TorchEngine:
         self._loaded: Any = None
         self._resident_spec: str | None = None
         self._heap_kept = False
-        self._base_vocabulary: dict[str, int] | None = None
+        self._tokenizers: dict[str | None, Any] = {}
         self._generators: dict[GenerationConfig, Any] = {}
         self._identity: dict[str, str] | None = None
         self._resources = ExitStack()
@@ -171,14 +173,28 @@ class TorchEngine:
         token for token; otherwise the texts can still be paired by prompt and seed."""
         if variant.kind != MODEL or variant.spec is None:
             return True
-        from toxtests.engines.torch.load import load_tokenizer
+        base = self._tokenizer_of(None).get_vocab()
+        return bool(base == self._tokenizer_of(variant.spec).get_vocab())
 
-        options = self.options
-        if self._base_vocabulary is None:  # once, however many candidates
-            base = load_tokenizer(options.model, options.cache_dir, options.revision)
-            self._base_vocabulary = base.get_vocab()
-        other = load_tokenizer(variant.spec, options.cache_dir, None)
-        return bool(self._base_vocabulary == other.get_vocab())
+    def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
+        """How this variant's prompts are rendered ("auto" asks its own tokenizer)."""
+        if settings.chat_template != "auto":
+            return rendering_label(bool(settings.chat_template))
+        spec = variant.spec if variant.kind == MODEL else None
+        return rendering_label(uses_chat_template(self._tokenizer_of(spec), "auto"))
+
+    def _tokenizer_of(self, candidate: str | None) -> Any:
+        """The tokenizer of the base (None) or a candidate, without loading weights;
+        read once per model."""
+        if candidate not in self._tokenizers:
+            if self._loaded is not None and self._resident_spec == candidate:
+                self._tokenizers[candidate] = self._loaded.tokenizer
+            else:
+                options = self.options
+                spec = candidate or options.model
+                revision = None if candidate else options.revision
+                self._tokenizers[candidate] = load_tokenizer(spec, options.cache_dir, revision)
+        return self._tokenizers[candidate]
 
     def close(self) -> None:
         self._generators.clear()

@@ -94,19 +94,6 @@ def load_base(
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
 
 
-def load_tokenizer(spec: str, cache_dir: Path | None, revision: str | None) -> Any:
-    """A model's tokenizer alone (to compare vocabularies without loading weights)."""
-    from transformers import AutoTokenizer
-
-    source, kind, _ = resolve_model(spec, cache_dir or default_cache_dir())
-    pinned = {"revision": revision} if revision else {}
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=kind != "hub", **pinned)
-    except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{spec}: cannot load tokenizer ({first})") from None
-
-
 def attach_adapters(
     loaded: LoadedModel, specs: list[str], *, allow_pickle: bool = False
 ) -> LoadedModel:

@@ -286,7 +286,8 @@ class Generator:
                 break
         new_tokens = torch.stack(generated, dim=1).tolist()
         eos_set = set(self.eos_ids)
-        decoded = [decode_until_stop(self.tokenizer, row, eos_set) for row in new_tokens]
+        stop = self.settings.stop
+        decoded = [decode_until_stop(self.tokenizer, row, eos_set, stop) for row in new_tokens]
         texts, counts = [text for text, _ in decoded], [count for _, count in decoded]
         return texts, counts
 

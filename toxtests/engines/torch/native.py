@@ -65,10 +65,7 @@ def _library_path(cache_dir: Path, cc: str, source: Path, flags: tuple[str, ...]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
     machine = _cpu_model() if "-march=native" in flags else ""
     key = hashlib.sha256(
-        source.read_bytes()
-        + " ".join(flags).encode()
-        + version.stdout.encode()
-        + machine.encode()
+        source.read_bytes() + " ".join(flags).encode() + version.stdout.encode() + machine.encode()
     ).hexdigest()[:16]
     return cache_dir / "native" / f"{source.stem}-{key}.so"
 
@@ -82,9 +79,7 @@ def _cpu_model() -> str:
         return ""
 
 
-def build(
-    cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS
-) -> Path:
+def build(cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile `source` into the cache (once per source, flags, compiler and, for a
     native-architecture build, CPU)."""
     target = _library_path(cache_dir, cc, source, flags)
