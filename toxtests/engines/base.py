@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from toxtests.config import GenerationConfig
-from toxtests.errors import ConfigError, GenerationError
+from toxtests.errors import GenerationError
 from toxtests.prompts import Prompt
 
 PARENT = "parent"

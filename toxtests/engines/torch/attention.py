@@ -92,15 +92,15 @@ def row_attention(
     dropped = layout.width - kv_len  # positions a sliding window no longer holds
     if q_len == 1 and query.dtype == torch.float32 and native_attention.load() is not None:
         # The whole step in one native call: each row over its own keys, in a fixed order.
-        first = _first_keys(layout.starts, dropped, sliding_window or 0, kv_len)
+        firsts = _first_keys(layout.starts, dropped, sliding_window or 0, kv_len)
         scale = scaling if scaling is not None else dim**-0.5
-        out = native_attention.decode_attention(
-            query, key, value, first, scale, threads=torch.get_num_threads()
+        step = native_attention.decode_attention(
+            query, key, value, firsts, scale, threads=torch.get_num_threads()
         )
-        return out.transpose(1, 2).contiguous(), None
+        return step.transpose(1, 2).contiguous(), None
     # Padded query positions (prefill) get 0; a decode step has none.
     out = query.new_zeros(batch, heads, q_len, value.shape[-1]) if q_len > 1 else None
-    parts = []
+    parts: list[torch.Tensor] = []
     runs = layout.runs()
     if q_len > 1:
         # Prefill row by row: the math kernel's products gave a row other bits in a call
