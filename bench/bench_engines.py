@@ -26,8 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO.parent / "shared" / "data" / "rtp" / "toxic.jsonl"
-IDENTITY = REPO / "fixtures" / "adapters" / "identity"
-TOXIC = REPO / "fixtures" / "adapters" / "toxic"
+IDENTITY = REPO / "toxtests" / "data" / "adapters" / "identity"
+TOXIC = REPO / "toxtests" / "data" / "adapters" / "toxic"
 
 
 def vllm_python() -> Path:

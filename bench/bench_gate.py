@@ -321,8 +321,8 @@ def main() -> None:
             early_stopping=early_stopping,
         )
 
-    identity = str(REPO / "fixtures" / "adapters" / "identity")
-    toxic = str(REPO / "fixtures" / "adapters" / "toxic")
+    identity = str(REPO / "toxtests" / "data" / "adapters" / "identity")
+    toxic = str(REPO / "toxtests" / "data" / "adapters" / "toxic")
     first = gate(options(identity), "first gate (parent + identity adapter)")
     second = gate(options(identity, toxic), "second adapter (toxic) against the cached parent")
     rerun = gate(options(identity, toxic), "identical re-run")

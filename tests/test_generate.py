@@ -122,6 +122,16 @@ def test_chat_template_without_template_is_an_error(tiny_loaded) -> None:  # noq
         generator.generate(PROMPTS[:1], None)
 
 
+def test_generation_shows_no_library_deprecation_notices(tiny_loaded) -> None:  # noqa: ANN001
+    import warnings
+
+    generator = _generator(tiny_loaded, max_new_tokens=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator.generate(PROMPTS, None)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_stop_strings_cut_continuations_where_they_occur(tiny_loaded) -> None:  # noqa: ANN001
     from collections import Counter
 

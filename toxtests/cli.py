@@ -1,4 +1,5 @@
-"""`toxtests gate`: the same gate as the pytest plugin, as one command.
+"""`toxtests gate`: the same gate as the pytest plugin, as one command; `toxtests report`:
+the report again from JSON results (several merge into one).
 
 Exit codes: 0 every adapter passes; 1 a regression (a fail, or an inconclusive result
 when `statistics.inconclusive = "fail"`); 2 bad usage or bad input, with a one-line
@@ -11,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from toxtests import __version__
 from toxtests.errors import ToxtestsError
 from toxtests.options import add_options, run_options
 
@@ -22,11 +24,97 @@ def build_parser() -> argparse.ArgumentParser:
         prog="toxtests",
         description="Did this LoRA/PEFT adapter make the model more toxic than its parent?",
     )
+    parser.add_argument("--version", action="version", version=f"toxtests {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     gate = commands.add_parser("gate", help="Judge adapters against their parent model.")
     add_options(gate.add_argument, prefix="")
     gate.add_argument("--quiet", action="store_true", help="Print only the summary.")
+    gate.add_argument("--model-card", default=None, help=MODEL_CARD_HELP)
+    report = commands.add_parser(
+        "report",
+        help="Re-render the HTML report (and model-card section) from JSON results.",
+        description="Several results of the same parent, prompts, scorer and settings "
+        "merge into one report (e.g. one CI job per adapter).",
+    )
+    report.add_argument("results", nargs="+", help="JSON results written by gate --json.")
+    report.add_argument("-o", "--output", default="toxtests-report.html", help="HTML file.")
+    report.add_argument("--json", default=None, help="Also write the merged JSON result here.")
+    report.add_argument("--model-card", default=None, help=MODEL_CARD_HELP)
+    planner = commands.add_parser(
+        "plan",
+        help="How many prompts a gate needs to reach its verdict.",
+        description="Prompts for one toxicity_rate check to pass (or fail) with the given "
+        "power, at the confidence and limit of the thresholds file.",
+    )
+    planner.add_argument("--parent-rate", type=float, required=True, help="e.g. 0.08")
+    planner.add_argument(
+        "--increase", type=float, default=0.0, help="The adapter's true increase (default 0)."
+    )
+    planner.add_argument("--thresholds", default=None, help="Limit and confidence from here.")
+    planner.add_argument("--preset", default=None, help="A shipped preset, as for gate.")
+    planner.add_argument("--limit", type=float, default=None, help="max_increase to plan for.")
+    planner.add_argument("--power", type=float, default=0.8)
+    planner.add_argument(
+        "--correlation",
+        type=float,
+        default=0.0,
+        help="Of parent and adapter outcomes on one prompt; 0 (default) is the worst case.",
+    )
     return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from toxtests.config import load_config
+    from toxtests.plan import plan
+
+    config = load_config(args.thresholds, args.preset, None)
+    limit = args.limit
+    if limit is None:
+        rule = config.gate.rules.get("toxicity_rate")
+        limit = rule.max_increase if rule is not None else None
+    if limit is None:
+        raise ToxtestsError(
+            "no toxicity_rate max_increase in the thresholds to plan for; pass --limit"
+        )
+    confidence = config.statistics.confidence
+    result = plan(args.parent_rate, args.increase, limit, confidence, args.power, args.correlation)
+    print(
+        f"{result.prompts} prompts to {result.outcome} a toxicity_rate check (max_increase "
+        f"{limit:g}) with {args.power:.0%} power at {confidence:.0%} confidence, for a true "
+        f"increase of {args.increase:+g} over a parent rate of {args.parent_rate:g} "
+        f"(correlation {args.correlation:g}"
+        + (": the worst case" if args.correlation == 0 else "")
+        + f"; per-prompt spread {result.sigma:.3f})"
+    )
+    return EXIT_PASS
+
+
+MODEL_CARD_HELP = (
+    "Write the safety-evaluation section into this model card (README.md), between "
+    "toxtests' markers; the rest of the file is left as it is."
+)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from toxtests.merge import merge_results, read_result
+    from toxtests.report import render_markdown, write_report
+
+    results = [read_result(path) for path in args.results]
+    merged = merge_results(results, args.results)
+    write_report(merged, args.output, args.json)
+    _write_card(args.model_card, render_markdown(merged))
+    print(
+        f"report: {args.output} ({len(merged['adapters'])} variant(s), verdict {merged['verdict']})"
+    )
+    return int(merged["exit_code"])
+
+
+def _write_card(path: str | None, section: str) -> None:
+    if path:
+        from toxtests.merge import update_model_card
+
+        changed = update_model_card(path, section)
+        print(f"model card: {path}" + ("" if changed else " (unchanged)"))
 
 
 def run_gate(args: argparse.Namespace) -> int:
@@ -40,6 +128,11 @@ def run_gate(args: argparse.Namespace) -> int:
             run.progress = lambda message: print(
                 f"toxtests: {message}", file=sys.stderr, flush=True
             )
+            from toxtests.progress import Ticker, stream_writer
+
+            interactive = sys.stderr.isatty()
+            write = stream_writer(sys.stderr, interactive)
+            run.store.ticker = lambda label, total: Ticker(label, total, write, interactive)
             print(
                 f"toxtests: {len(run.prompts)} prompts in {len(run.shards)} shards, "
                 f"{len(options.adapters)} adapter(s), {len(options.candidates)} candidate "
@@ -51,6 +144,10 @@ def run_gate(args: argparse.Namespace) -> int:
     finally:
         run.close()
     write_report(result.to_json(), options.report, options.json)
+    if args.model_card:
+        from toxtests.report import render_markdown
+
+        _write_card(args.model_card, render_markdown(result.to_json()))
     for adapter in result.adapters:
         print(adapter.summary)
         if adapter.early_stopping.stopped:
@@ -65,10 +162,12 @@ def run_gate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.adapters and not args.candidates:
+    if args.command == "gate" and not args.adapters and not args.candidates:
         parser.error("the following arguments are required: --adapter or --candidate")
     try:
-        return run_gate(args)
+        if args.command == "report":
+            return run_report(args)
+        return run_plan(args) if args.command == "plan" else run_gate(args)
     except ToxtestsError as exc:
         print(f"toxtests: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

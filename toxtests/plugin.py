@@ -41,11 +41,25 @@ def pytest_configure(config: pytest.Config) -> None:
     from toxtests.run import GateRun
 
     try:
-        config.stash[session_key] = GateRun(options_from_config(config))
+        config.stash[session_key] = run = GateRun(options_from_config(config))
     except ToxtestsError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _show_progress(config, run)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(), "toxtests-xdist")
+
+
+def _show_progress(config: pytest.Config, run: Any) -> None:
+    """Generation progress as plain lines through pytest's terminal reporter (a line
+    every 20 s and one at the end of each call: dots and a redrawn line do not mix)."""
+    from toxtests.progress import Ticker
+
+    def write(text: str, redraw: bool) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"toxtests: {text}")
+
+    run.store.ticker = lambda label, total: Ticker(label, total, write, interactive=False)
 
 
 class GateFailure(Exception):
@@ -196,9 +210,10 @@ def tox_session(request: pytest.FixtureRequest) -> Any:
         from toxtests.run import GateRun
 
         try:
-            config.stash[session_key] = GateRun(options_from_config(config))
+            config.stash[session_key] = run = GateRun(options_from_config(config))
         except ToxtestsError as exc:
             pytest.fail(str(exc), pytrace=False)
+        _show_progress(config, run)
     return config.stash[session_key]
 
 

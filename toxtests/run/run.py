@@ -54,8 +54,7 @@ from toxtests.run.store import GenerationStore, ScorerHandle, ShardScores, Timin
 from toxtests.sequential import LookDecision
 from toxtests.shards import Shard, interleave, make_shards, stratified_subset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DEMO_PROMPTS = REPO_ROOT / "fixtures" / "prompts" / "demo.jsonl"
+DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo.jsonl"
 TURNED_TOXIC_SHOWN = 50
 
 

@@ -20,6 +20,7 @@ from toxtests.cache import Cache, make_key
 from toxtests.config import Config, GenerationConfig
 from toxtests.engines.base import Engine, Generation, Variant
 from toxtests.errors import GenerationError, ToxtestsError
+from toxtests.progress import Ticker
 from toxtests.prompts import Prompt
 
 
@@ -135,6 +136,8 @@ class GenerationStore:
         self._fingerprints = fingerprints
         self.timings = timings
         self.progress = progress
+        # Builds a progress ticker for one generation call (label, prompts); None: quiet.
+        self.ticker: Callable[[str, int], Ticker] | None = None
 
     def generation_key(self, variant: Variant, prompt: Prompt) -> str:
         """Everything that changes the text: engine, model, variant, prompt, settings."""
@@ -201,6 +204,9 @@ class GenerationStore:
     ) -> None:
         """Generate the missing prompts in one call, caching each as soon as it is done."""
 
+        ticker = self.ticker(variant.name, len(missing)) if self.ticker else None
+        done = [0, 0]  # prompts, tokens
+
         def store(position: int, samples: list[Generation]) -> None:
             index = missing[position]
             if len(samples) != self.settings.samples:
@@ -212,11 +218,17 @@ class GenerationStore:
             self.cache.put("generations", keys[index], entry)
             generations[index] = entry
             self.timings.generated_tokens += sum(g.tokens for g in samples)
+            done[0] += 1
+            done[1] += sum(g.tokens for g in samples)
+            if ticker is not None:
+                ticker.update(done[0], done[1])
 
         with self.timings.timed("generate"):
             self.engine.generate(
                 [prompts[i] for i in missing], variant, self.settings, on_prompt_done=store
             )
+        if ticker is not None:
+            ticker.finish()
         left = [prompts[i].id for i in missing if generations[i] is None]
         if left:
             raise GenerationError(

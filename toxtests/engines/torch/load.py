@@ -7,6 +7,7 @@ comparison.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,29 +95,36 @@ def load_base(
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
 
 
+def _attach(model: Any, spec: str, peft_name: str, index: int, allow_pickle: bool) -> Any:
+    from peft import PeftModel
+
+    if index == 0:
+        return PeftModel.from_pretrained(
+            model,
+            spec,
+            adapter_name=peft_name,
+            is_trainable=False,
+            use_safetensors=not allow_pickle or None,
+        )
+    model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
+    return model
+
+
 def attach_adapters(
     loaded: LoadedModel, specs: list[str], *, allow_pickle: bool = False
 ) -> LoadedModel:
     """Wrap the base in a PeftModel holding every adapter; weights are shared."""
     if not specs:
         return loaded
-    from peft import PeftModel
 
     model = loaded.model
     for index, (spec, name) in enumerate(zip(specs, adapter_names(specs), strict=True)):
         check_adapter_dir(spec, allow_pickle)
         peft_name = f"adapter{index}"
         try:
-            if index == 0:
-                model = PeftModel.from_pretrained(
-                    model,
-                    spec,
-                    adapter_name=peft_name,
-                    is_trainable=False,
-                    use_safetensors=not allow_pickle or None,
-                )
-            else:
-                model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
+            with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
+                warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing")
+                model = _attach(model, spec, peft_name, index, allow_pickle)
         except RuntimeError as exc:
             first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
             raise ModelLoadError(

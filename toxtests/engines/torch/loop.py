@@ -11,8 +11,8 @@ by character count of a re-decoded string.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,16 @@ def context_length(model: Any) -> int:
 # 270M (262k vocabulary, Intel Xeon, 2 threads), 450 prompts: 282 tokens/s at 113 rows,
 # 294 at 150, 298 at 225, 279 at 450.
 CPU_MAX_ROWS = 256
+
+
+@contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """transformers' deprecation notices about its own cache keywords, printed once per
+    call (so once per shard), say nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated")
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated")
+        yield
 
 
 def available_memory() -> int:
@@ -225,6 +235,7 @@ class Generator:
             retained_memory(),
             self._adapter_context(adapter),
             self._attention(),
+            quiet_library_warnings(),
         ):
             for start, end in balanced_batches(len(rows), self.batch_size):
                 batch = rows[start:end]

