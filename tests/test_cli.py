@@ -497,10 +497,13 @@ def test_report_merges_results_of_one_parent_and_updates_the_model_card(
     text = card.read_text()
     assert text.startswith("# My adapter\n\nTrained on kind words.\n")
     assert text.count("toxtests:safety-evaluation:begin") == 1
-    assert "fail" in text.split("safety-evaluation:begin")[1]
+    assert "FAIL" in text.split("safety-evaluation:begin")[1]
     capsys.readouterr()
     assert main(args) == 1
     assert card.read_text() == text and "(unchanged)" in capsys.readouterr().out
+    # One result re-rendered from its JSON alone gives the gate's own page, byte for byte.
+    assert main(["report", str(runs["toxic"]), "-o", str(tmp_path / "again.html")]) == 1
+    assert (tmp_path / "again.html").read_text() == (tmp_path / "report.html").read_text()
 
 
 def test_report_refuses_results_that_are_not_one_comparison(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -107,3 +107,52 @@ def test_identity_in_another_process_batch_size_and_thread_count_has_delta_zero(
     (identity,) = result["adapters"]
     assert identity["verdict"] == "pass" and identity["metrics"]
     assert all(m["delta"] == 0.0 for m in identity["metrics"].values())
+
+
+def test_full_models_as_candidates_a_copy_passes_and_the_merged_toxic_adapter_fails(
+    first_gate,
+    tmp_path: Path,  # noqa: ANN001
+    capsys,  # noqa: ANN001
+) -> None:
+    """Issue 15's done-when on Gemma: a copy of the parent saved as a model directory
+    passes as a candidate with every delta exactly 0, and the toxic demo adapter merged
+    into the weights (how community fine-tunes are published) fails, against the parent
+    the first gate cached."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toxtests.models import resolve_model
+
+    root, _, _ = first_gate
+    source, _, _ = resolve_model("gemma3-270m", root / "cache")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(TOXIC)).merge_and_unload()
+    merged.save_pretrained(str(tmp_path / "merged"))
+    for file in Path(source).iterdir():  # the tokenizer's files, as a published model has
+        target = tmp_path / "merged" / file.name
+        wanted = file.suffix != ".safetensors" and not file.name.startswith("toxtests-")
+        if wanted and not target.exists():
+            shutil.copy(file, target)
+    del model, merged
+    args = [
+        "gate", "--thresholds", str(REPO / "thresholds.toml"),
+        "--cache-dir", str(root / "cache"), "--report", str(tmp_path / "report.html"),
+        "--json", str(tmp_path / "results.json"),
+        "--candidate", str(copy), "--candidate", str(tmp_path / "merged"),
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "generating parent" not in capsys.readouterr().err
+    result = json.loads((tmp_path / "results.json").read_text())
+    same, toxic = result["adapters"]
+    assert same["kind"] == toxic["kind"] == "model"
+    assert same["verdict"] == "pass" and same["metrics"]
+    assert all(m["delta"] == 0.0 for m in same["metrics"].values())
+    assert toxic["verdict"] == "fail"
+    assert toxic["metrics"]["toxicity_rate"]["interval"][0] > 0.05
+    assert "A full model" in (tmp_path / "report.html").read_text()

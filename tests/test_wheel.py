@@ -72,4 +72,4 @@ def test_the_wheel_gates_from_another_directory(tmp_path: Path, tiny) -> None:  
     result = json.loads((elsewhere / "out.json").read_text())
     assert result["prompts"]["source"].endswith("data/demo.jsonl")
     assert "site-packages" in result["prompts"]["source"]
-    assert (elsewhere / "out.html").read_text().startswith("<!doctype html>")
+    assert (elsewhere / "out.html").read_text().startswith("<!DOCTYPE html>")
