@@ -410,3 +410,19 @@ def test_write_report_skips_a_path_that_is_none(tmp_path: Path, which: str) -> N
     assert [p.name for p in tmp_path.iterdir()] == [
         f"{'report' if which == 'html' else 'result'}.{which}"
     ]
+
+
+def test_a_shard_that_did_not_fail_is_never_shown_as_a_pass() -> None:
+    """Shard checks are fail-only: a shard whose rate rose with a wide interval found
+    no regression, which is not a pass."""
+    result = make_result()
+    shard = result["adapters"][0]["shards"][0]
+    shard["verdict"] = "pass"
+    shard["metrics"] = {"toxicity_rate": _metric(0.1, 0.288, "pass")}
+    html = render_html(result)
+    table = html.split('class="shards"', 1)[1].split("</table>", 1)[0]
+    assert "no regression found" in table and "PASS" not in table
+    shard["verdict"] = "fail"
+    shard["metrics"] = {"toxicity_rate": _metric(0.1, 0.6, "fail")}
+    table = render_html(result).split('class="shards"', 1)[1].split("</table>", 1)[0]
+    assert "FAIL" in table and "no regression found" not in table

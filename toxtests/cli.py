@@ -102,18 +102,18 @@ def run_report(args: argparse.Namespace) -> int:
     results = [read_result(path) for path in args.results]
     merged = merge_results(results, args.results)
     write_report(merged, args.output, args.json)
-    _write_card(args.model_card, render_markdown(merged))
+    _write_card(args.model_card, render_markdown(merged), merged)
     print(
         f"report: {args.output} ({len(merged['adapters'])} variant(s), verdict {merged['verdict']})"
     )
     return int(merged["exit_code"])
 
 
-def _write_card(path: str | None, section: str) -> None:
+def _write_card(path: str | None, section: str, result: dict) -> None:  # type: ignore[type-arg]
     if path:
         from toxtests.merge import update_model_card
 
-        changed = update_model_card(path, section)
+        changed = update_model_card(path, section, result)
         print(f"model card: {path}" + ("" if changed else " (unchanged)"))
 
 
@@ -147,7 +147,7 @@ def run_gate(args: argparse.Namespace) -> int:
     if args.model_card:
         from toxtests.report import render_markdown
 
-        _write_card(args.model_card, render_markdown(result.to_json()))
+        _write_card(args.model_card, render_markdown(result.to_json()), result.to_json())
     for adapter in result.adapters:
         print(adapter.summary)
         if adapter.early_stopping.stopped:

@@ -86,23 +86,105 @@ def merge_results(results: Sequence[dict[str, Any]], sources: Sequence[str]) -> 
     return merged
 
 
-def update_model_card(path: str | Path, section: str) -> bool:
+def model_index_results(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Hugging Face `model-index` results of a run: per adapter, the change of each
+    gated metric against the parent, tagged as toxtests' so a rerun replaces them."""
+    prompts = result.get("prompts") or {}
+    dataset = {
+        "name": Path(str(prompts.get("source") or "prompts")).name,
+        "type": "toxtests-prompts",
+        "revision": str(prompts.get("fingerprint") or ""),
+    }
+    entries = []
+    for adapter in result.get("adapters") or []:
+        metrics = []
+        for metric, values in sorted((adapter.get("metrics") or {}).items()):
+            if not isinstance(values, dict) or values.get("delta") is None:
+                continue
+            metrics.append(
+                {
+                    "type": f"{metric}_delta",
+                    "value": round(float(values["delta"]), 6),
+                    "name": f"{metric} change vs parent ({adapter.get('name')}, "
+                    f"verdict {adapter.get('verdict')})",
+                }
+            )
+        entries.append(
+            {
+                "task": {"type": "text-generation", "name": "toxicity regression vs parent"},
+                "dataset": dataset,
+                "metrics": metrics,
+                "source": {"name": "toxtests", "url": "https://pypi.org/project/toxtests/"},
+            }
+        )
+    return entries
+
+
+def _front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
+    """(the YAML header as a mapping, the rest), or (None, text) without a header."""
+    import yaml
+
+    if not text.startswith("---\n"):
+        return None, text
+    end = text.find("\n---\n", 3)
+    if end < 0:
+        return None, text
+    try:
+        header = yaml.safe_load(text[4:end]) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"model card header is not valid YAML ({exc}); fix it first") from None
+    if not isinstance(header, dict):
+        raise ConfigError("model card header is not a YAML mapping; fix it first")
+    return header, text[end + len("\n---\n") :]
+
+
+def _with_model_index(
+    header: dict[str, Any], model: str, results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The header with toxtests' results replaced (others' results kept)."""
+    index = header.get("model-index")
+    entries = index if isinstance(index, list) and index else [{"name": model, "results": []}]
+    first: dict[str, Any] = (
+        entries[0] if isinstance(entries[0], dict) else {"name": model, "results": []}
+    )
+    kept: list[Any] = [
+        r
+        for r in first.get("results") or []
+        if not (isinstance(r, dict) and (r.get("source") or {}).get("name") == "toxtests")
+    ]
+    first = {**first, "results": kept + results}
+    return {**header, "model-index": [first, *entries[1:]]}
+
+
+def update_model_card(path: str | Path, section: str, result: dict[str, Any] | None = None) -> bool:
     """Write `section` between toxtests' markers in the card at `path` (created if
-    missing), leaving the rest of the file as it was; returns whether it changed."""
+    missing) and, given the `result`, toxtests' `model-index` results in its YAML header;
+    the rest of the file is left as it was. Returns whether the file changed."""
+    import yaml
+
     card = Path(path)
     old = card.read_text(encoding="utf-8") if card.exists() else ""
+    header, body = _front_matter(old)
     block = f"{BEGIN}\n{section.strip()}\n{END}"
-    if BEGIN in old and END in old.split(BEGIN, 1)[1]:
-        before, rest = old.split(BEGIN, 1)
+    if BEGIN in body and END in body.split(BEGIN, 1)[1]:
+        before, rest = body.split(BEGIN, 1)
         after = rest.split(END, 1)[1]
-        new = before + block + after
-    elif BEGIN in old or END in old:
+        body = before + block + after
+    elif BEGIN in body or END in body:
         raise ConfigError(
             f"{card}: has one of toxtests' markers without the other; restore or delete "
-            f"the lone {BEGIN if BEGIN in old else END} line"
+            f"the lone {BEGIN if BEGIN in body else END} line"
         )
     else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
+        body = (body.rstrip("\n") + "\n\n" if body.strip() else "") + block + "\n"
+    new = body
+    if result is not None or header is not None:
+        header = header or {}
+        if result is not None:
+            model = str((result.get("model") or {}).get("spec") or "model")
+            header = _with_model_index(header, model, model_index_results(result))
+        dumped = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
+        new = f"---\n{dumped}---\n{body}"
     if new == old:
         return False
     atomic_write_text(card, new)

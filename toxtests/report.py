@@ -101,6 +101,17 @@ def fmt_verdict(value: Any) -> str:
     return str(value).upper() if value else DASH
 
 
+def fmt_shard_verdict(value: Any) -> str:
+    """A shard's checks can only fail (they hunt for a regression hidden in one category;
+    the overall checks decide a pass), so a shard that did not fail found nothing: not a
+    pass, which a wide shard interval could never earn."""
+    return "no regression found" if value == "pass" else fmt_verdict(value)
+
+
+def shard_verdict_class(value: Any) -> str:
+    return "v-none" if value == "pass" else verdict_class(value)
+
+
 def verdict_class(value: Any) -> str:
     """CSS class from a fixed list, so a verdict string can never inject a class name."""
     return _VERDICT_CLASSES.get(str(value), "v-none")
@@ -437,6 +448,8 @@ def _environment() -> jinja2.Environment:
         p=fmt_p,
         verdict=fmt_verdict,
         verdict_class=verdict_class,
+        shard_verdict=fmt_shard_verdict,
+        shard_verdict_class=shard_verdict_class,
         config_value=fmt_config_value,
     )
     return environment
