@@ -495,7 +495,9 @@ def test_report_merges_results_of_one_parent_and_updates_the_model_card(
     page = html.read_text()
     assert str(tiny.identity.name) in page and str(tiny.toxic.name) in page
     text = card.read_text()
-    assert text.startswith("# My adapter\n\nTrained on kind words.\n")
+    header, body = text.split("---\n", 2)[1:]
+    assert "model-index:" in header and "toxicity_rate_delta" in header
+    assert body.startswith("# My adapter\n\nTrained on kind words.\n")
     assert text.count("toxtests:safety-evaluation:begin") == 1
     assert "FAIL" in text.split("safety-evaluation:begin")[1]
     capsys.readouterr()

@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="Of parent and adapter outcomes on one prompt; 0 (default) is the worst case.",
     )
+    check = commands.add_parser(
+        "scorer-check",
+        help="Measure a scorer's agreement with Perspective on RealToxicityPrompts records.",
+        description="Scores each record's prompt and continuation, and reports ROC AUC and "
+        "precision / recall / F1 of 'toxic' at scoring.threshold against Perspective >= "
+        "0.5, with bootstrap intervals. Cached; the gate's report shows it by the scorer.",
+    )
+    check.add_argument("--scorer", default=None, help="Default: the thresholds file's.")
+    check.add_argument(
+        "--data", action="append", required=True, help="RealToxicityPrompts JSONL (repeatable)."
+    )
+    check.add_argument("--thresholds", default=None)
+    check.add_argument("--preset", default=None)
+    check.add_argument("--cache-dir", default=None)
+    check.add_argument("--device", default="auto")
+    check.add_argument("--resamples", type=int, default=1000)
     return parser
 
 
@@ -86,6 +102,28 @@ def run_plan(args: argparse.Namespace) -> int:
         + (": the worst case" if args.correlation == 0 else "")
         + f"; per-prompt spread {result.sigma:.3f})"
     )
+    return EXIT_PASS
+
+
+def run_scorer_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toxtests.cache import Cache
+    from toxtests.config import load_config
+    from toxtests.models import choose_device, default_cache_dir
+    from toxtests.scorer_check import run_check
+
+    config = load_config(args.thresholds, args.preset, None)
+    cache = Cache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    agreement, cached = run_check(
+        args.scorer or config.scoring.scorer,
+        args.data,
+        config,
+        cache,
+        choose_device(args.device),
+        args.resamples,
+    )
+    print(f"{agreement.scorer}: {agreement.line()}" + (" (cached)" if cached else ""))
     return EXIT_PASS
 
 
@@ -167,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             return run_report(args)
+        if args.command == "scorer-check":
+            return run_scorer_check(args)
         return run_plan(args) if args.command == "plan" else run_gate(args)
     except ToxtestsError as exc:
         print(f"toxtests: error: {exc}", file=sys.stderr)

@@ -505,6 +505,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             if scorer.get("threshold") is not None
             else ""
         ),
+        *(
+            [f"- Scorer check: {_markdown_text(scorer['agreement'])}"]
+            if scorer.get("agreement")
+            else []
+        ),
         f"- Prompts: {fmt_number(prompts.get('used'))} used"
         + (f" from {_markdown_text(prompts['source'])}" if prompts.get("source") else "")
         + f" ({len(prompts.get('skipped') or [])} input lines skipped)",

@@ -155,6 +155,13 @@ class GateRun:
     def close(self) -> None:
         self.engine.close()
 
+    def _scorer_agreement(self, fingerprint: str) -> dict[str, str]:
+        """The latest `toxtests scorer-check` of this scorer, if one was run (report only)."""
+        from toxtests.scorer_check import NAMESPACE, Agreement, cache_key
+
+        stored = self.cache.get(NAMESPACE, cache_key(fingerprint))
+        return {"agreement": Agreement.from_json(stored).line()} if stored else {}
+
     # -- identities ------------------------------------------------------------------
 
     def fingerprints(self) -> dict[str, Any]:
@@ -417,7 +424,11 @@ class GateRun:
             pairing=self.pairing(),
             model=fingerprints["model"],
             renderings=fingerprints.get("renderings", {}),
-            scorer={**fingerprints["scorer"], "threshold": self.config.scoring.threshold},
+            scorer={
+                **fingerprints["scorer"],
+                "threshold": self.config.scoring.threshold,
+                **self._scorer_agreement(fingerprints["scorer"]["fingerprint"]),
+            },
             prompts=prompts,
             versions=library_versions(),
             shards=[
