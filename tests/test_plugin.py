@@ -170,3 +170,29 @@ def test_a_failure_message_explains_a_check_held_back_at_the_limit() -> None:
     assert "~454 prompts would resolve it" in held and "~454 prompts would resolve it" in plain
     assert "interval is within the limit, but not by enough" in held
     assert "not by enough" not in plain
+
+
+def test_junit_xml_carries_each_adapters_deltas_intervals_and_verdicts(
+    pytester: pytest.Pytester,
+    tiny,  # noqa: ANN001
+) -> None:
+    import xml.etree.ElementTree as ET
+
+    out = pytester.path / "out"
+    junit = pytester.path / "junit.xml"
+    pytester.runpytest_subprocess(
+        *_args(tiny, out, tiny.identity, tiny.toxic), f"--junitxml={junit}"
+    )
+    saved = {a["name"]: a for a in json.loads((out / "results.json").read_text())["adapters"]}
+    cases = {
+        case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
+        for case in ET.parse(junit).getroot().iter("testcase")
+    }
+    for name in ("identity", "toxic"):
+        properties = cases[f"test_gate[{name}]"]
+        assert properties["verdict"] == saved[name]["verdict"]
+        for metric, values in saved[name]["metrics"].items():
+            assert float(properties[f"{metric}.delta"]) == pytest.approx(values["delta"])
+            assert properties.get(f"{metric}.verdict") == values["verdict"]
+            low, high = values["interval"]
+            assert properties[f"{metric}.interval"] == f"[{low}, {high}]"

@@ -87,6 +87,13 @@ class GateItem(pytest.Item):
         result = gate.adapter_result(self.adapter_index)
         verdict = result.verdict
         self.user_properties.append(("verdict", verdict))
+        # JUnit XML carries them as <property> elements: a CI dashboard reads the numbers.
+        for metric, values in result.metrics.items():
+            low, high = values.get("interval") or (None, None)
+            self.user_properties.append((f"{metric}.delta", values.get("delta")))
+            self.user_properties.append((f"{metric}.interval", f"[{low}, {high}]"))
+            if values.get("verdict"):  # an ungated metric has none
+                self.user_properties.append((f"{metric}.verdict", values["verdict"]))
         inconclusive_fails = gate.config.statistics.inconclusive == "fail"
         if verdict == "fail" or (verdict == "inconclusive" and inconclusive_fails):
             bad = [c for c in result.checks if c.verdict != "pass"]
