@@ -46,7 +46,8 @@ class Ticker:
         elapsed = max(self._clock() - self._started, 1e-9)
         rate = self.tokens / elapsed
         text = f"{self.label}: {self.done}/{self.total} prompts, {rate:.0f} tokens/s"
-        if 0 < self.done < self.total:
+        # The first batch or two say little about the rest (prefill, the slow first call).
+        if max(1, self.total // 20) <= self.done < self.total:
             text += f", about {_duration(elapsed / self.done * (self.total - self.done))} left"
         return text
 
