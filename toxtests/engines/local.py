@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
-from toxtests.engines.base import MODEL, PARENT, EngineOptions, Variant
-from toxtests.models import adapter_fingerprint, adapter_names, check_adapter_dir, describe_model
+from typing import Any
+
+from toxtests.config import GenerationConfig
+from toxtests.engines.base import (
+    MODEL,
+    PARENT,
+    EngineOptions,
+    Variant,
+    rendering_label,
+    uses_chat_template,
+)
+from toxtests.models import (
+    adapter_fingerprint,
+    adapter_names,
+    check_adapter_dir,
+    describe_model,
+    load_tokenizer,
+)
 
 
 def local_variants(options: EngineOptions) -> list[Variant]:
@@ -22,3 +38,38 @@ def local_variants(options: EngineOptions) -> list[Variant]:
         fingerprint = f"model:{identity['fingerprint']}"
         variants.append(Variant(names[index], index, spec, fingerprint, MODEL))
     return variants
+
+
+class LocalTokenizers:
+    """The tokenizers of the base and of each candidate, read once without their weights:
+    what the report needs to say how variants pair and how their prompts were rendered."""
+
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        self._by_candidate: dict[str | None, Any] = {}
+
+    def remember(self, candidate: str | None, tokenizer: Any) -> None:
+        """A tokenizer already loaded with its model (None: the base's)."""
+        self._by_candidate.setdefault(candidate, tokenizer)
+
+    def of(self, candidate: str | None) -> Any:
+        if candidate not in self._by_candidate:
+            options = self.options
+            spec = candidate or options.model
+            revision = None if candidate else options.revision  # --revision pins the base
+            self._by_candidate[candidate] = load_tokenizer(spec, options.cache_dir, revision)
+        return self._by_candidate[candidate]
+
+    def same_vocabulary(self, variant: Variant) -> bool:
+        """Whether a candidate's tokenizer is the base's: then common random numbers pair
+        token for token; otherwise the texts can still be paired by prompt and seed."""
+        if variant.kind != MODEL or variant.spec is None:
+            return True
+        return bool(self.of(None).get_vocab() == self.of(variant.spec).get_vocab())
+
+    def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
+        """How this variant's prompts are rendered ("auto" asks its own tokenizer)."""
+        if settings.chat_template != "auto":
+            return rendering_label(bool(settings.chat_template))
+        spec = variant.spec if variant.kind == MODEL else None
+        return rendering_label(uses_chat_template(self.of(spec), "auto"))

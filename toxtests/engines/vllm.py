@@ -33,13 +33,11 @@ from toxtests.engines.base import (
     encode_prompts,
     eos_token_ids,
     package_version,
-    rendering_label,
-    uses_chat_template,
 )
 from toxtests.engines.crn import request_seed
-from toxtests.engines.local import local_variants
+from toxtests.engines.local import LocalTokenizers, local_variants
 from toxtests.errors import EngineUnavailableError, GenerationError, ModelLoadError
-from toxtests.models import choose_dtype, describe_model, load_tokenizer, resolve_model
+from toxtests.models import choose_dtype, describe_model, resolve_model
 from toxtests.prompts import Prompt
 
 INSTALL_HINT = (
@@ -105,7 +103,7 @@ class VllmEngine:
         self._llm: Any = None
         self._resident: str | None = None  # the candidate loaded, None for the base
         self._tokenizer: Any = None
-        self._tokenizers: dict[str | None, Any] = {}
+        self._tokenizers = LocalTokenizers(options)
         self._adapter_dirs: list[Path] = []
         self._stop_ids: list[int] = []
 
@@ -256,25 +254,11 @@ class VllmEngine:
         self._resident = candidate
         return self._llm
 
-    def _tokenizer_of(self, candidate: str | None) -> Any:
-        if candidate not in self._tokenizers:
-            revision = None if candidate else self.options.revision
-            spec = candidate or self.options.model
-            self._tokenizers[candidate] = load_tokenizer(spec, self.options.cache_dir, revision)
-        return self._tokenizers[candidate]
-
     def same_vocabulary(self, variant: Variant) -> bool:
-        """Whether a candidate's tokenizer is the base's (the report says when not)."""
-        if variant.kind != MODEL or variant.spec is None:
-            return True
-        base = self._tokenizer_of(None).get_vocab()
-        return bool(base == self._tokenizer_of(variant.spec).get_vocab())
+        return self._tokenizers.same_vocabulary(variant)
 
     def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
-        if settings.chat_template != "auto":
-            return rendering_label(bool(settings.chat_template))
-        spec = variant.spec if variant.kind == MODEL else None
-        return rendering_label(uses_chat_template(self._tokenizer_of(spec), "auto"))
+        return self._tokenizers.prompt_rendering(variant, settings)
 
     # -- generation ---------------------------------------------------------------------
 

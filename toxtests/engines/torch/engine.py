@@ -21,11 +21,9 @@ from toxtests.engines.base import (
     OnPromptDone,
     Variant,
     package_version,
-    rendering_label,
-    uses_chat_template,
 )
-from toxtests.engines.local import local_variants
-from toxtests.models import choose_device, choose_dtype, describe_model, load_tokenizer
+from toxtests.engines.local import LocalTokenizers, local_variants
+from toxtests.models import choose_device, choose_dtype, describe_model
 from toxtests.prompts import Prompt
 
 # The generation format: bumped whenever the loop's arithmetic changes the text it
@@ -63,7 +61,7 @@ class TorchEngine:
         self._loaded: Any = None
         self._resident_spec: str | None = None
         self._heap_kept = False
-        self._tokenizers: dict[str | None, Any] = {}
+        self._tokenizers = LocalTokenizers(options)
         self._generators: dict[GenerationConfig, Any] = {}
         self._identity: dict[str, str] | None = None
         self._resources = ExitStack()
@@ -130,6 +128,7 @@ class TorchEngine:
             adapters = list(options.adapters)
             model = attach_adapters(model, adapters, allow_pickle=options.allow_pickle)
         self._loaded, self._resident_spec = model, candidate
+        self._tokenizers.remember(candidate, model.tokenizer)
         if not self._heap_kept:
             # One heap for every generation call of this engine: each call would otherwise
             # fault its first batch's ~1 GB of activations, caches and logits in afresh
@@ -169,32 +168,10 @@ class TorchEngine:
         )
 
     def same_vocabulary(self, variant: Variant) -> bool:
-        """Whether a candidate's tokenizer is the base's: then common random numbers pair
-        token for token; otherwise the texts can still be paired by prompt and seed."""
-        if variant.kind != MODEL or variant.spec is None:
-            return True
-        base = self._tokenizer_of(None).get_vocab()
-        return bool(base == self._tokenizer_of(variant.spec).get_vocab())
+        return self._tokenizers.same_vocabulary(variant)
 
     def prompt_rendering(self, variant: Variant, settings: GenerationConfig) -> str:
-        """How this variant's prompts are rendered ("auto" asks its own tokenizer)."""
-        if settings.chat_template != "auto":
-            return rendering_label(bool(settings.chat_template))
-        spec = variant.spec if variant.kind == MODEL else None
-        return rendering_label(uses_chat_template(self._tokenizer_of(spec), "auto"))
-
-    def _tokenizer_of(self, candidate: str | None) -> Any:
-        """The tokenizer of the base (None) or a candidate, without loading weights;
-        read once per model."""
-        if candidate not in self._tokenizers:
-            if self._loaded is not None and self._resident_spec == candidate:
-                self._tokenizers[candidate] = self._loaded.tokenizer
-            else:
-                options = self.options
-                spec = candidate or options.model
-                revision = None if candidate else options.revision
-                self._tokenizers[candidate] = load_tokenizer(spec, options.cache_dir, revision)
-        return self._tokenizers[candidate]
+        return self._tokenizers.prompt_rendering(variant, settings)
 
     def close(self) -> None:
         self._generators.clear()
