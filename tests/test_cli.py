@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -428,6 +429,64 @@ def test_full_models_are_judged_as_candidates_beside_adapters(
     assert re.search(r"toxtests: parent: \d+/\d+ prompts, \d+ tokens/s, done in", err)
     html = (tmp_path / "report.html").read_text()
     assert f"A full model ({merged}) judged against the parent" in html
+
+
+def _hub_cache(root: Path, repo: str, snapshots: dict[str, Path], main: str) -> Path:
+    """A Hugging Face cache as `huggingface_hub` lays it out offline: one snapshot per
+    commit, `refs/main` naming one of them (what a download with a network leaves)."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for commit, source in snapshots.items():
+        shutil.copytree(source, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(main)
+    return root
+
+
+def test_hub_candidates_pin_their_own_revision(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """`--candidate ORG/NAME@REVISION` loads that commit, not the branch head: the same
+    repository at the parent's own weights passes with deltas of 0, at a commit with the
+    toxic adapter merged it fails; each is cached under its own fingerprint. Run in a
+    subprocess, offline, against a Hub cache laid out on disk (no network here)."""
+    same, toxic = "1" * 40, "2" * 40
+    hub = _hub_cache(
+        tmp_path / "hub",
+        "acme/tiny-tuned",
+        {
+            same: _full_model(tiny.base, tmp_path / "copy"),
+            toxic: _full_model(tiny.base, tmp_path / "merged", tiny.toxic),
+        },
+        main=toxic,
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
+
+    def gate(*candidates: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+        args = [sys.executable, "-m", "toxtests.cli", "gate", "--model", str(tiny.base)]
+        args += ["--prompts", str(tiny.prompts), "--thresholds", str(tiny.thresholds)]
+        args += ["--cache-dir", str(tmp_path / "cache"), "--no-early-stopping"]
+        args += ["--report", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json")]
+        for candidate in candidates:
+            args += ["--candidate", candidate]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        result = json.loads((tmp_path / "r.json").read_text()) if done.returncode < 2 else {}
+        return done, result
+
+    done, result = gate(f"acme/tiny-tuned@{same}", f"acme/tiny-tuned@{toxic}")
+    assert done.returncode == 1, done.stderr
+    pinned_same, pinned_toxic = result["adapters"]
+    assert pinned_same["verdict"] == "pass"
+    assert all(m["delta"] == 0.0 for m in pinned_same["metrics"].values())
+    assert pinned_toxic["verdict"] == "fail"
+    assert pinned_same["fingerprint"] != pinned_toxic["fingerprint"]
+    # Without a revision the branch head (refs/main: the toxic commit) is what loads.
+    done, result = gate("acme/tiny-tuned")
+    assert done.returncode == 1, done.stderr
+    assert result["adapters"][0]["fingerprint"] == pinned_toxic["fingerprint"]
+    done, _ = gate("acme/tiny-tuned@" + "9" * 40)
+    assert done.returncode == 2
+    assert "acme/tiny-tuned" in done.stderr and "Traceback" not in done.stderr
+    done, _ = gate("acme/tiny-tuned@")
+    assert done.returncode == 2 and "nothing after '@'" in done.stderr
 
 
 def test_an_auto_chat_template_renders_each_model_its_own_way(tiny, tmp_path: Path) -> None:  # noqa: ANN001

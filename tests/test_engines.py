@@ -185,10 +185,20 @@ def test_the_torch_sampling_path_is_part_of_the_cache_key() -> None:
         assert full.endswith("/c-attention")
 
 
-def test_vllm_pins_the_revision_of_the_base_and_not_of_a_candidate() -> None:
-    engine = VllmEngine(EngineOptions(revision="a" * 40, adapters=(str(TOXIC),)))
-    base = engine.engine_arguments("cuda", "/m", [TOXIC])
-    candidate = engine.engine_arguments("cuda", "/candidate", [], pinned=False)
+def test_vllm_pins_the_revision_of_the_base_and_of_a_hub_candidate_its_own() -> None:
+    """--revision pins the base; a candidate given as ID@REVISION pins itself, and one
+    given without a revision is not pinned to the base's."""
+    from toxtests.engines.local import model_reference
+
+    options = EngineOptions(revision="a" * 40, adapters=(str(TOXIC),))
+    engine = VllmEngine(options)  # the candidates are only named, not described or loaded
+    base = engine.engine_arguments("cuda", "/m", [TOXIC], model_reference(options, None)[1])
+    local = engine.engine_arguments(
+        "cuda", "/candidate", [], model_reference(options, "/candidate")[1]
+    )
+    hub_id, hub_revision = model_reference(options, "acme/tuned@v2")
+    hub = engine.engine_arguments("cuda", hub_id, [], hub_revision)
     assert base["revision"] == base["tokenizer_revision"] == "a" * 40
-    assert "revision" not in candidate and "enable_lora" not in candidate
-    assert candidate["model"] == candidate["tokenizer"] == "/candidate"
+    assert "revision" not in local and "enable_lora" not in local
+    assert local["model"] == local["tokenizer"] == "/candidate"
+    assert hub["model"] == "acme/tuned" and hub["revision"] == hub["tokenizer_revision"] == "v2"

@@ -33,3 +33,22 @@ def test_smollm2s_file_is_found_without_importing_its_package(tmp_path) -> None:
     assert path.endswith(".gguf") and int(size) > 50_000_000
     with open(path, "rb") as gguf:
         assert gguf.read(4) == b"GGUF"
+
+
+def test_a_hub_id_carries_its_revision_and_a_path_never_does(tmp_path) -> None:  # noqa: ANN001
+    from toxtests.errors import ModelLoadError
+    from toxtests.models import split_revision
+
+    assert split_revision("acme/tuned@v1.2") == ("acme/tuned", "v1.2")
+    assert split_revision("acme/tuned@refs/pr/3") == ("acme/tuned", "refs/pr/3")
+    assert split_revision("acme/tuned") == ("acme/tuned", None)
+    odd = tmp_path / "run@2"  # a directory whose name holds an '@' is still a path
+    odd.mkdir()
+    assert split_revision(str(odd)) == (str(odd), None)
+    for bad, hint in [
+        ("./model@v1", "not a Hub id"),
+        ("tuned@v1", "not a Hub id"),
+        ("acme/tuned@", "nothing after '@'"),
+    ]:
+        with pytest.raises(ModelLoadError, match=hint):
+            split_revision(bad)

@@ -178,6 +178,27 @@ def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
     return spec, "hub", hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """`org/name@REVISION` as (`org/name`, `REVISION`): a Hub model pinned to a commit,
+    tag or branch, so a candidate carries its own revision (`--revision` pins the base).
+
+    Hub ids cannot hold "@", so the first one splits; a path that exists is never split."""
+    name, at, revision = spec.partition("@")
+    if not at or Path(spec).expanduser().exists():
+        return spec, None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or not all(name.split("/")):
+        raise ModelLoadError(
+            f"{spec}: ID@REVISION pins a Hub model, and {name!r} is not a Hub id "
+            "(org/name); a local path needs no revision"
+        )
+    if not revision:
+        raise ModelLoadError(
+            f"{spec}: nothing after '@'; give a commit, tag or branch (org/name@main), "
+            "or drop the '@'"
+        )
+    return name, revision
+
+
 def check_revision(spec: str, kind: str, revision: str | None) -> None:
     """--revision pins a Hub repository; anything else has one version only."""
     if revision and kind != "hub":
@@ -200,16 +221,7 @@ def describe_model(
     source, kind, fingerprint = resolve_model(spec, cache_dir)
     check_revision(spec, kind, revision)
     if kind == "hub":
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(spec, revision=revision)
-            revision = getattr(config, "_commit_hash", None) or revision or "unknown"
-        except OSError as exc:
-            raise ModelLoadError(
-                f"{spec}: cannot load model ({str(exc).splitlines()[0]})"
-            ) from None
-        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
+        fingerprint = hub_fingerprint(spec, hub_revision(spec, revision, what="model"))
     device = choose_device(device)
     return {
         "spec": spec,
@@ -239,34 +251,42 @@ def adapter_names(specs: list[str]) -> list[str]:
     return names
 
 
-def hub_revision(spec: str) -> str:
-    """The commit a Hub id resolves to: asked of the Hub, or offline the local snapshot.
+def hub_revision(spec: str, revision: str | None = None, what: str = "adapter") -> str:
+    """The commit a Hub id (at a branch, tag or commit; None: main) resolves to: asked of
+    the Hub, or offline the local snapshot.
 
     An id alone is not an identity: a repository pushed to after a run would otherwise
     share that run's cached generations."""
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        sha = HfApi().model_info(spec).sha
+        sha = HfApi().model_info(spec, revision=revision).sha
         if sha:
             return str(sha)
     except Exception:  # offline, unknown repository, no access: try the local copy
         pass
     try:
-        return Path(snapshot_download(spec, local_files_only=True)).name
+        return Path(snapshot_download(spec, revision=revision, local_files_only=True)).name
     except Exception as exc:
+        at = f" at revision {revision!r}" if revision else ""
         raise ModelLoadError(
-            f"{spec}: cannot tell which revision of this Hub adapter to use "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); download "
-            "it once with a network, or give a local adapter directory"
+            f"{spec}: cannot tell which commit of this Hub {what}{at} to use "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); check the "
+            f"id and revision, download it once with a network, or give a local {what} "
+            "directory"
         ) from None
+
+
+def hub_fingerprint(spec: str, commit: str) -> str:
+    """A Hub model's or adapter's identity: its id at one commit."""
+    return hashlib.sha256(f"{spec}@{commit}".encode()).hexdigest()[:16]
 
 
 def adapter_fingerprint(spec: str) -> str:
     path = Path(spec)
     if path.is_dir():
         return fingerprint_tree(path, (".safetensors", ".bin", ".json"))[:16]
-    return hashlib.sha256(f"{spec}@{hub_revision(spec)}".encode()).hexdigest()[:16]
+    return hub_fingerprint(spec, hub_revision(spec))
 
 
 def check_adapter_dir(spec: str, allow_pickle: bool) -> None:

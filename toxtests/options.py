@@ -125,8 +125,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "candidates",
         "candidate",
-        "A full model (transformers directory, .gguf file or Hub id) to judge against "
-        "--model like an adapter: a fine-tune, a merged LoRA (repeatable).",
+        "A full model (transformers directory, .gguf file, or Hub id pinned as "
+        "ORG/NAME@REVISION) to judge against --model like an adapter: a fine-tune, a "
+        "merged LoRA (repeatable).",
         {"action": "append", "default": []},
     ),
     Option(

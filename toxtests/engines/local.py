@@ -19,7 +19,16 @@ from toxtests.models import (
     check_adapter_dir,
     describe_model,
     load_tokenizer,
+    split_revision,
 )
+
+
+def model_reference(options: EngineOptions, candidate: str | None) -> tuple[str, str | None]:
+    """(model spec, revision) of the base (None: `--model` pinned by `--revision`) or of
+    a candidate, which pins itself as ID@REVISION."""
+    if candidate is None:
+        return options.model, options.revision
+    return split_revision(candidate)
 
 
 def local_variants(options: EngineOptions) -> list[Variant]:
@@ -34,7 +43,10 @@ def local_variants(options: EngineOptions) -> list[Variant]:
     for offset, spec in enumerate(options.candidates):
         index = len(options.adapters) + offset
         # Described, not loaded: its weights' fingerprint keys its generations.
-        identity = describe_model(spec, cache_dir=options.cache_dir, dtype=options.dtype)
+        model, revision = split_revision(spec)
+        identity = describe_model(
+            model, cache_dir=options.cache_dir, dtype=options.dtype, revision=revision
+        )
         fingerprint = f"model:{identity['fingerprint']}"
         variants.append(Variant(names[index], index, spec, fingerprint, MODEL))
     return variants
@@ -54,10 +66,8 @@ class LocalTokenizers:
 
     def of(self, candidate: str | None) -> Any:
         if candidate not in self._by_candidate:
-            options = self.options
-            spec = candidate or options.model
-            revision = None if candidate else options.revision  # --revision pins the base
-            self._by_candidate[candidate] = load_tokenizer(spec, options.cache_dir, revision)
+            spec, revision = model_reference(self.options, candidate)
+            self._by_candidate[candidate] = load_tokenizer(spec, self.options.cache_dir, revision)
         return self._by_candidate[candidate]
 
     def same_vocabulary(self, variant: Variant) -> bool:

@@ -35,7 +35,7 @@ from toxtests.engines.base import (
     package_version,
 )
 from toxtests.engines.crn import request_seed
-from toxtests.engines.local import LocalTokenizers, local_variants
+from toxtests.engines.local import LocalTokenizers, local_variants, model_reference
 from toxtests.errors import EngineUnavailableError, GenerationError, ModelLoadError
 from toxtests.models import choose_dtype, describe_model, resolve_model
 from toxtests.prompts import Prompt
@@ -82,14 +82,24 @@ def lora_rank(adapters: Sequence[Path]) -> int:
     )
 
 
-def stop_token_ids(model_dir: str, tokenizer: Any) -> list[int]:
+def stop_token_ids(model_dir: str, tokenizer: Any, revision: str | None = None) -> list[int]:
     """End-of-sequence ids from the tokenizer and generation_config.json (as torch does).
 
     `generation_config="vllm"` makes vLLM ignore the file, and with it the extra
-    end-of-turn ids of chat models; they are passed back explicitly.
+    end-of-turn ids of chat models; they are passed back explicitly. A Hub model's file
+    comes from its (pinned) snapshot.
     """
-    path = Path(model_dir) / "generation_config.json"
-    configured = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    path: Path | None = Path(model_dir) / "generation_config.json"
+    if not Path(model_dir).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model_dir, "generation_config.json", revision=revision))
+        except Exception:  # the repository has none, or it cannot be reached
+            path = None
+    configured = (
+        json.loads(path.read_text()).get("eos_token_id") if path and path.is_file() else None
+    )
     return eos_token_ids(getattr(tokenizer, "eos_token_id", None), configured)
 
 
@@ -178,9 +188,14 @@ class VllmEngine:
             os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
 
     def engine_arguments(
-        self, device: str, model_dir: str, adapter_dirs: Sequence[Path], pinned: bool = True
+        self,
+        device: str,
+        model_dir: str,
+        adapter_dirs: Sequence[Path],
+        revision: str | None = None,
     ) -> dict[str, Any]:
-        """What `vllm.LLM` is built with (separate from loading, so the defaults are tested)."""
+        """What `vllm.LLM` is built with (separate from loading, so the defaults are tested);
+        `revision` pins a Hub model: the base's `--revision` or a candidate's ID@REVISION."""
         options = self.options
         arguments: dict[str, Any] = {
             "model": model_dir,
@@ -202,8 +217,8 @@ class VllmEngine:
                 arguments[name] = getattr(options, name)
         if options.max_model_len is not None:
             arguments["max_model_len"] = options.max_model_len
-        if options.revision and pinned:  # --revision pins the base, not a candidate
-            arguments.update(revision=options.revision, tokenizer_revision=options.revision)
+        if revision:
+            arguments.update(revision=revision, tokenizer_revision=revision)
         if device == "cpu":
             context = options.max_model_len or CPU_CONTEXT
             arguments.setdefault("max_model_len", context)
@@ -233,18 +248,17 @@ class VllmEngine:
             ) from None
         from transformers import AutoTokenizer
 
-        spec = candidate or self.options.model
+        spec, revision = model_reference(self.options, candidate)
         source, _, _ = resolve_model(spec, self.options.cache_dir)
         specs = self.options.adapters if candidate is None else ()
         self._adapter_dirs = [self._adapter_dir(s) for s in specs]
+        pinned = {"revision": revision} if revision else {}
         self._tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=self.options.trust_remote_code
+            source, trust_remote_code=self.options.trust_remote_code, **pinned
         )
-        self._stop_ids = stop_token_ids(source, self._tokenizer)
+        self._stop_ids = stop_token_ids(source, self._tokenizer, revision)
         try:
-            arguments = self.engine_arguments(
-                device, source, self._adapter_dirs, pinned=candidate is None
-            )
+            arguments = self.engine_arguments(device, source, self._adapter_dirs, revision)
             self._llm = vllm.LLM(**arguments)
         except Exception as exc:
             raise ModelLoadError(

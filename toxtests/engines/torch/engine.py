@@ -22,7 +22,7 @@ from toxtests.engines.base import (
     Variant,
     package_version,
 )
-from toxtests.engines.local import LocalTokenizers, local_variants
+from toxtests.engines.local import LocalTokenizers, local_variants, model_reference
 from toxtests.models import choose_device, choose_dtype, describe_model
 from toxtests.prompts import Prompt
 
@@ -116,13 +116,14 @@ class TorchEngine:
 
             gc.collect()
         options = self.options
+        spec, revision = model_reference(options, candidate)
         model = load_base(
-            candidate or options.model,
+            spec,
             cache_dir=options.cache_dir,
             device=options.device,
             dtype=options.dtype,
             trust_remote_code=options.trust_remote_code,
-            revision=None if candidate else options.revision,
+            revision=revision,
         )
         if candidate is None:
             adapters = list(options.adapters)

@@ -6,7 +6,6 @@ comparison.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from toxtests.models import (
     choose_device,
     choose_dtype,
     default_cache_dir,
+    hub_fingerprint,
+    hub_revision,
     resolve_model,
 )
 
@@ -64,10 +65,13 @@ def load_base(
     cache_dir = cache_dir or default_cache_dir()
     source, kind, fingerprint = resolve_model(spec, cache_dir)
     check_revision(spec, kind, revision)
+    local = kind != "hub"
+    if not local:  # the commit the fingerprint names is the one loaded
+        revision = hub_revision(spec, revision, what="model")
+        fingerprint = hub_fingerprint(spec, revision)
     pinned = {"revision": revision} if revision else {}
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
-    local = kind != "hub"
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, local_files_only=local, trust_remote_code=trust_remote_code, **pinned
@@ -83,9 +87,6 @@ def load_base(
         raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:
         raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
-    if kind == "hub":
-        revision = getattr(model.config, "_commit_hash", None) or "unknown"
-        fingerprint = hashlib.sha256(f"{spec}@{revision}".encode()).hexdigest()[:16]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Padding positions are masked out, so any token works; EOS is the convention.
