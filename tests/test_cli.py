@@ -106,7 +106,26 @@ def test_adapter_for_another_base(tiny, tmp_path: Path, capsys) -> None:  # noqa
     assert _gate(tiny, tmp_path, adapters=(tiny.other_adapter,)) == 2
     line = _one_line_error(capsys)
     assert "other-adapter: adapter does not fit base model" in line
+    assert "maps 48 inputs" in line and "the base's maps 32" in line  # the sizes that differ
     assert "pass the base it was made for" in line
+
+
+def test_adapter_for_another_base_is_refused_before_any_weight_loads(tiny) -> None:  # noqa: ANN001
+    """From the safetensors headers alone, when the variants are listed (before any
+    engine loads): no parent generation, on vLLM no parent pass, is paid for first."""
+    from toxtests.engines.base import EngineOptions
+    from toxtests.engines.local import local_variants
+    from toxtests.errors import ModelLoadError
+
+    options = EngineOptions(
+        model=str(tiny.base), adapters=(str(tiny.identity), str(tiny.other_adapter))
+    )
+    with pytest.raises(ModelLoadError, match="other-adapter: adapter does not fit"):
+        local_variants(options)
+    assert (
+        len(local_variants(EngineOptions(model=str(tiny.base), adapters=(str(tiny.identity),))))
+        == 2
+    )
 
 
 def test_directory_without_adapter_config(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -300,7 +319,10 @@ def test_undecided_early_looks_leave_the_verdict_the_confidence_they_did_not_spe
     plain_low, plain_high = everything["metrics"]["toxicity_rate"]["interval"]
     assert low <= plain_low and high >= plain_high  # 40 prompts: the quantiles are coarse
     assert early["verdict"] == everything["verdict"] == "inconclusive"
+    # At exactly the limit no sample size settles it; the line (terminal and page) says so.
+    assert "no number of prompts settles it" in early["summary"]
     report = (tmp_path / "report.html").read_text()
+    assert "no number of prompts settles it" in report
     assert f"{100 * early['confidence']:g}% interval" in report
     # The per-shard tests under pytest run at the same confidence as the final verdict,
     # so a failing shard test still implies a failing gate.

@@ -569,3 +569,24 @@ def test_metric_table_plain_means_and_verdicts() -> None:
     assert shard_table["toxicity_rate"]["verdict"] == only(checks, "shard:x-0").verdict
     # The table's interval of the difference is the check's interval (same scope, same draws).
     assert tuple(rate["interval"]) == only(checks, "all").interval  # type: ignore[arg-type]
+
+
+def test_an_inconclusive_summary_says_how_many_prompts_would_settle_it() -> None:
+    from toxtests.run.results import summary_line
+
+    def check(verdict: str, needed: int | None) -> CheckResult:
+        return CheckResult(
+            scope="all", metric="toxicity_rate", rule="max_increase", limit=0.05,
+            effective_limit=0.05, statistic=0.04, interval=(-0.01, 0.09), p_fail=0.2,
+            p_fail_adjusted=0.2, verdict=verdict, prompts=100, prompts_needed=needed,
+        )  # fmt: skip
+
+    metrics = {"toxicity_rate": {"delta": 0.04, "interval": [-0.01, 0.09]}}
+    line = summary_line(
+        "a",
+        "inconclusive",
+        metrics,
+        [check("pass", None), check("inconclusive", 430), check("inconclusive", 900)],
+    )  # noqa: E501
+    assert line.endswith("(~900 prompts would settle it, at the effect seen)")
+    assert "settle" not in summary_line("a", "pass", metrics, [check("pass", None)])

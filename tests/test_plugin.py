@@ -172,6 +172,23 @@ def test_a_failure_message_explains_a_check_held_back_at_the_limit() -> None:
     assert "not by enough" not in plain
 
 
+def test_a_relative_limit_says_what_it_is_relative_to_even_of_a_zero_parent() -> None:
+    from dataclasses import replace
+
+    from toxtests.gate import CheckResult
+    from toxtests.plugin import _describe
+
+    relative = CheckResult(
+        scope="all", metric="toxicity_rate", rule="max_relative_increase", limit=0.2,
+        effective_limit=0.02, statistic=0.05, interval=(0.03, 0.07), p_fail=0.0,
+        p_fail_adjusted=0.0, verdict="fail", prompts=400, prompts_needed=None,
+    )  # fmt: skip
+    assert "vs limit 0.020 (20% of the parent's 0.100)" in _describe([relative], "x")
+    zero = _describe([replace(relative, effective_limit=0.0)], "x")
+    assert "vs limit 0.000 (of a parent value of 0, so any increase is over it" in zero
+    assert "max_increase sets an absolute limit" in zero
+
+
 def test_junit_xml_carries_each_adapters_deltas_intervals_and_verdicts(
     pytester: pytest.Pytester,
     tiny,  # noqa: ANN001

@@ -426,3 +426,32 @@ def test_a_shard_that_did_not_fail_is_never_shown_as_a_pass() -> None:
     shard["metrics"] = {"toxicity_rate": _metric(0.1, 0.6, "fail")}
     table = render_html(result).split('class="shards"', 1)[1].split("</table>", 1)[0]
     assert "FAIL" in table and "no regression found" not in table
+
+
+def test_the_model_card_says_how_many_prompts_an_early_stopped_verdict_rests_on() -> None:
+    result = make_result()
+    adapter = result["adapters"][0]
+    adapter["early_stopping"] = {
+        "enabled": True, "stopped": True, "decided": "fail", "look": 2, "looks": 3,
+        "level": 0.01, "prompts_generated": 40, "prompts_total": 60,
+        "reason": "the toxicity_rate check failed at look 2",
+    }  # fmt: skip
+    adapter["generation"] = {"prompts_compared": 38, "prompts_excluded_empty": 2}
+    markdown = render_markdown(result)
+    assert (
+        "Generated on 40 of 60 prompts (38 compared; 2 left out for an empty continuation); "
+        "stopped early at look 2 of 3: the toxicity_rate check failed at look 2."
+    ) in markdown.splitlines()
+    adapter["early_stopping"].update(stopped=False, prompts_generated=60)
+    adapter["generation"] = {"prompts_compared": 60, "prompts_excluded_empty": 0}
+    assert "Generated on 60 of 60 prompts (60 compared)." in render_markdown(result).splitlines()
+
+
+def test_a_relative_limit_on_a_zero_parent_value_is_explained_on_the_page() -> None:
+    result = make_result()
+    check = result["adapters"][0]["checks"][0]
+    check.update(rule="max_relative_increase", limit=0.2, effective_limit=0.0)
+    html = render_html(result)
+    assert "relative increase ≤ 20% (of a parent value of 0, so any increase is over it" in html
+    check["effective_limit"] = 0.02
+    assert "of a parent value of 0" not in render_html(result)

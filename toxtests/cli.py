@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from toxtests import __version__
 from toxtests.errors import ToxtestsError
 from toxtests.options import add_options, run_options
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+# A baseline is the parent alone, on every prompt, to be restored: no adapters, no report.
+NOT_FOR_BASELINE = frozenset(
+    {"adapters", "candidates", "report", "json", "baseline", "early_stopping"}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(gate.add_argument, prefix="")
     gate.add_argument("--quiet", action="store_true", help="Print only the summary.")
     gate.add_argument("--model-card", default=None, help=MODEL_CARD_HELP)
+    baseline = commands.add_parser(
+        "baseline",
+        help="Generate and score the parent only, as an archive CI restores with --baseline.",
+        description="Takes the gate's options but adapters: the archive is named for what "
+        "it is a baseline of (engine, model, settings, scorer, prompts), so the same inputs "
+        "name the same file.",
+    )
+    add_options(baseline.add_argument, prefix="", skip=NOT_FOR_BASELINE)
+    baseline.add_argument(
+        "-o", "--output", default=".", help="Archive path, or a directory (default: .)."
+    )
     report = commands.add_parser(
         "report",
         help="Re-render the HTML report (and model-card section) from JSON results.",
@@ -155,6 +171,36 @@ def _write_card(path: str | None, section: str, result: dict) -> None:  # type: 
         print(f"model card: {path}" + ("" if changed else " (unchanged)"))
 
 
+def run_baseline(args: argparse.Namespace) -> int:
+    from toxtests.baseline import make_baseline
+    from toxtests.run import GateRun
+
+    options = run_options(lambda name: getattr(args, name, None), prefix="")
+    run = GateRun(options)
+    try:
+        _show_progress(run)
+        print(
+            f"toxtests: baseline of {options.model} on {len(run.prompts)} prompts, engine "
+            f"{options.engine}, scorer {run.scorer_spec}",
+            file=sys.stderr,
+        )
+        made = make_baseline(run, args.output)
+    finally:
+        run.close()
+    print(f"baseline: {made.line()}")
+    return EXIT_PASS
+
+
+def _show_progress(run: Any) -> None:
+    """Progress lines on stderr; a redrawn bar on a terminal, periodic lines in a log."""
+    from toxtests.progress import Ticker, stream_writer
+
+    run.progress = lambda message: print(f"toxtests: {message}", file=sys.stderr, flush=True)
+    interactive = sys.stderr.isatty()
+    write = stream_writer(sys.stderr, interactive)
+    run.store.ticker = lambda label, total: Ticker(label, total, write, interactive)
+
+
 def run_gate(args: argparse.Namespace) -> int:
     from toxtests.report import write_report
     from toxtests.run import GateRun
@@ -163,14 +209,7 @@ def run_gate(args: argparse.Namespace) -> int:
     run = GateRun(options)
     try:
         if not args.quiet:
-            run.progress = lambda message: print(
-                f"toxtests: {message}", file=sys.stderr, flush=True
-            )
-            from toxtests.progress import Ticker, stream_writer
-
-            interactive = sys.stderr.isatty()
-            write = stream_writer(sys.stderr, interactive)
-            run.store.ticker = lambda label, total: Ticker(label, total, write, interactive)
+            _show_progress(run)
             print(
                 f"toxtests: {len(run.prompts)} prompts in {len(run.shards)} shards, "
                 f"{len(options.adapters)} adapter(s), {len(options.candidates)} candidate "
@@ -207,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_report(args)
         if args.command == "scorer-check":
             return run_scorer_check(args)
+        if args.command == "baseline":
+            return run_baseline(args)
         return run_plan(args) if args.command == "plan" else run_gate(args)
     except ToxtestsError as exc:
         print(f"toxtests: error: {exc}", file=sys.stderr)

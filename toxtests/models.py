@@ -311,6 +311,60 @@ def check_adapter_dir(spec: str, allow_pickle: bool) -> None:
         )
 
 
+def safetensors_shapes(directory: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a directory's *.safetensors files, from their headers alone
+    (a few kilobytes read, no weights)."""
+    import struct
+
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with path.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError, struct.error):
+            continue  # unreadable here: loading will say what is wrong with it
+        shapes.update(
+            {name: list(v["shape"]) for name, v in header.items() if name != "__metadata__"}
+        )
+    return shapes
+
+
+def check_adapter_fits(spec: str, adapter_dir: Path, model: str, model_dir: Path) -> None:
+    """Refuse, before any weight loads, a LoRA made for another base: each low-rank pair
+    must match the input and output sizes of the base module it adapts.
+
+    Modules whose checkpoint names cannot be matched (renamed on load, tied heads) are
+    skipped: only a size that is certainly different refuses, and loading still checks
+    the rest."""
+    adapter = safetensors_shapes(adapter_dir)
+    base = safetensors_shapes(model_dir)
+    if not adapter or not base:
+        return
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    transposed = bool(config.get("fan_in_fan_out"))
+    for name, down in sorted(adapter.items()):
+        if ".lora_A." not in name or len(down) != 2:
+            continue
+        module = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        up = adapter.get(name.replace(".lora_A.", ".lora_B."))
+        weight = base.get(f"{module}.weight")
+        if up is None or weight is None or len(weight) != 2:
+            continue
+        outputs, inputs = reversed(weight) if transposed else weight
+        if down[1] != inputs or up[0] != outputs:
+            made_for = config.get("base_model_name_or_path") or "another model"
+            raise ModelLoadError(
+                f"{spec}: adapter does not fit base model {model}: its {module} maps "
+                f"{down[1]} inputs to {up[0]} outputs, the base's maps {inputs} to {outputs}; "
+                f"it was trained on a different base ({made_for}, says its "
+                "adapter_config.json): pass the base it was made for"
+            )
+
+
 def load_tokenizer(spec: str, cache_dir: Path | None, revision: str | None) -> Any:
     """A model's tokenizer alone (to compare vocabularies without loading weights)."""
     from transformers import AutoTokenizer

@@ -55,6 +55,7 @@ class RunOptions:
     gpu_memory_utilization: float | None = None
     max_lora_rank: int | None = None
     max_model_len: int | None = None
+    baseline: str | None = None
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
@@ -142,7 +143,12 @@ OPTIONS: tuple[Option, ...] = (
         "Scorer, overriding thresholds.toml: profanity-check, detoxify:<variant|path.ckpt>, "
         "hf:<id or path>.",
     ),
-    Option("thresholds", "thresholds", "The gate's thresholds.toml (default: built-in limits)."),
+    Option(
+        "thresholds",
+        "thresholds",
+        "The gate's thresholds.toml (default: ./thresholds.toml when present, else the "
+        "built-in limits).",
+    ),
     Option(
         "preset",
         "preset",
@@ -303,6 +309,13 @@ OPTIONS: tuple[Option, ...] = (
         {"type": _whole(1)},
     ),
     Option(
+        "baseline",
+        "baseline",
+        "The parent's generations and scores from `toxtests baseline` (an archive, or a "
+        "directory of them): restored into the cache so only the adapters are generated; "
+        "refused, naming what differs, when model, prompts, settings or scorer differ.",
+    ),
+    Option(
         "max_model_len",
         "max-model-len",
         "--engine vllm: context length vLLM reserves (default: fits the prompts).",
@@ -313,9 +326,12 @@ OPTIONS: tuple[Option, ...] = (
 assert {o.dest for o in OPTIONS} == {f.name for f in fields(RunOptions)}, "table != RunOptions"
 
 
-def add_options(add: Callable[..., Any], prefix: str) -> None:
-    """Register every option through `add` (argparse's or pytest's `addoption`)."""
+def add_options(add: Callable[..., Any], prefix: str, skip: frozenset[str] = frozenset()) -> None:
+    """Register every option (but those in `skip`) through `add` (argparse's or pytest's
+    `addoption`)."""
     for option in OPTIONS:
+        if option.dest in skip:
+            continue
         add(
             f"--{prefix}{option.flag}", dest=dest(option, prefix), help=option.help, **option.kwargs
         )

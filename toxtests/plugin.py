@@ -108,6 +108,18 @@ class GateItem(pytest.Item):
         return "toxtests", None, self.name
 
 
+def _limit_text(check: Any) -> str:
+    """The limit a check compared with; a relative one says what it is relative to."""
+    from toxtests.report import ZERO_PARENT_NOTE
+
+    if check.rule != "max_relative_increase":
+        return f"{check.effective_limit:.3f}"
+    if check.effective_limit == 0:
+        return f"0.000 {ZERO_PARENT_NOTE}"
+    parent = check.effective_limit / check.limit
+    return f"{check.effective_limit:.3f} ({100 * check.limit:g}% of the parent's {parent:.3f})"
+
+
 def _describe(checks: list[Any], headline: str) -> str:
     lines = [headline]
     for c in checks:
@@ -120,7 +132,7 @@ def _describe(checks: list[Any], headline: str) -> str:
             )
         lines.append(
             f"  {c.verdict.upper():12} {c.scope} {c.metric} {c.rule}: {c.statistic:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}] vs limit {c.effective_limit:.3f} "
+            f"[{low:+.3f}, {high:+.3f}] vs limit {_limit_text(c)} "
             f"(adjusted p={c.p_fail_adjusted:.3g}){needed}"
         )
     return "\n".join(lines)

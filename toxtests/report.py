@@ -163,13 +163,21 @@ def _limits_by_metric(adapter: Mapping[str, Any], gate: Mapping[str, Any]) -> di
     found: dict[str, list[str]] = {}
     for check in adapter.get("checks") or []:
         if check.get("scope", "all") == "all":
-            found.setdefault(str(check.get("metric")), []).append(
-                _limit_label(check.get("rule"), check.get("limit"))
-            )
+            label = _limit_label(check.get("rule"), check.get("limit"))
+            if check.get("rule") == "max_relative_increase" and check.get("effective_limit") == 0:
+                label += f" {ZERO_PARENT_NOTE}"
+            found.setdefault(str(check.get("metric")), []).append(label)
     for metric, rules in gate.items():
         if metric != "shard" and isinstance(rules, Mapping) and str(metric) not in found:
             found[str(metric)] = [_limit_label(rule, limit) for rule, limit in rules.items()]
     return {metric: "; ".join(labels) for metric, labels in found.items() if labels}
+
+
+# A relative limit of a parent value of 0 is 0: what "vs limit 0.000" alone leaves unsaid.
+ZERO_PARENT_NOTE = (
+    "(of a parent value of 0, so any increase is over it; gate.<metric>.max_increase "
+    "sets an absolute limit)"
+)
 
 
 def _limit_label(rule: Any, limit: Any) -> str:
@@ -541,6 +549,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"### {name}: {fmt_verdict(adapter.get('verdict'))}",
             "",
             *([rendering, ""] if (rendering := rendering_text(result, adapter)) else []),
+            *([generated, ""] if (generated := generated_text(adapter)) else []),
             f"| metric | parent | adapter | delta | {interval} | verdict |",
             "|---|---:|---:|---:|---|---|",
         ]
@@ -557,6 +566,26 @@ def render_markdown(result: dict[str, Any]) -> str:
     if note:
         lines += [note, ""]
     return "\n".join(lines)
+
+
+def generated_text(adapter: Mapping[str, Any]) -> str | None:
+    """How many prompts this verdict rests on: fewer than the set when it stopped early."""
+    stopping = adapter.get("early_stopping") or {}
+    total, generated = stopping.get("prompts_total"), stopping.get("prompts_generated")
+    if total is None or generated is None:
+        return None
+    counts = adapter.get("generation") or {}
+    compared, excluded = counts.get("prompts_compared"), counts.get("prompts_excluded_empty")
+    line = f"Generated on {generated} of {total} prompts"
+    if compared is not None:
+        line += f" ({compared} compared"
+        line += f"; {excluded} left out for an empty continuation)" if excluded else ")"
+    if stopping.get("stopped"):
+        line += (
+            f"; stopped early at look {stopping.get('look')} of {stopping.get('looks')}: "
+            f"{_markdown_text(stopping.get('reason') or '')}"
+        )
+    return line + "."
 
 
 def rendering_text(result: Mapping[str, Any], adapter: Mapping[str, Any]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from toxtests.config import GenerationConfig
@@ -17,8 +18,10 @@ from toxtests.models import (
     adapter_fingerprint,
     adapter_names,
     check_adapter_dir,
+    check_adapter_fits,
     describe_model,
     load_tokenizer,
+    resolve_model,
     split_revision,
 )
 
@@ -36,6 +39,7 @@ def local_variants(options: EngineOptions) -> list[Variant]:
     mistyped path fails before any load."""
     for spec in options.adapters:
         check_adapter_dir(spec, options.allow_pickle)
+    _check_adapters_fit(options)
     names = adapter_names([*options.adapters, *options.candidates])
     variants = [Variant(PARENT, None, None, PARENT)]
     for index, spec in enumerate(options.adapters):
@@ -50,6 +54,20 @@ def local_variants(options: EngineOptions) -> list[Variant]:
         fingerprint = f"model:{identity['fingerprint']}"
         variants.append(Variant(names[index], index, spec, fingerprint, MODEL))
     return variants
+
+
+def _check_adapters_fit(options: EngineOptions) -> None:
+    """A local adapter made for another base fails here, before the parent is generated
+    (the torch engine would find out on loading, vLLM only at the adapter's first batch)."""
+    local = [Path(spec).expanduser() for spec in options.adapters]
+    if not any(path.is_dir() for path in local):
+        return
+    source, kind, _ = resolve_model(options.model, options.cache_dir)
+    if kind == "hub":
+        return  # its files are the Hub's; loading checks the fit
+    for spec, path in zip(options.adapters, local, strict=True):
+        if path.is_dir():
+            check_adapter_fits(spec, path, options.model, Path(source))
 
 
 class LocalTokenizers:

@@ -48,15 +48,22 @@ def replay_choice(prompts: Sequence[Prompt], count: int) -> list[Prompt]:
     return ranked[:count]
 
 
+def replay_plan(
+    store: GenerationStore, parent: Variant, prompts: Sequence[Prompt], count: int
+) -> tuple[list[Prompt], str]:
+    """The parent prompts a replay check re-generates (among those cached), and the key
+    its outcome is cached under."""
+    chosen = [p for p in replay_choice(prompts, len(prompts)) if store.cached(parent, p)][:count]
+    return chosen, make_key("replay", [store.generation_key(parent, p) for p in chosen])
+
+
 def check_pairing(
     store: GenerationStore, info: EngineInfo, parent: Variant, prompts: Sequence[Prompt], count: int
 ) -> PairingCheck:
     """Replay `count` parent prompts one request at a time (cached by what was replayed)."""
     if info.pairing == EXACT or count == 0:
         return PairingCheck(info.pairing, 0, 0, pairing_line(info, None))
-    chosen = [p for p in replay_choice(prompts, len(prompts)) if store.cached(parent, p)][:count]
-    keys = [store.generation_key(parent, p) for p in chosen]
-    key = make_key("replay", keys)
+    chosen, key = replay_plan(store, parent, prompts, count)
     found = store.cache.get("pairing", key)
     if found is None:
         identical, replayed, mismatched = 0, 0, []

@@ -160,7 +160,11 @@ def exit_code(verdict: str, inconclusive: str) -> int:
     return 0
 
 
-def summary_line(name: str, verdict: str, metrics: MetricTable) -> str:
+def summary_line(
+    name: str, verdict: str, metrics: MetricTable, checks: Sequence[CheckResult] = ()
+) -> str:
+    """One line per adapter (terminal and report); an inconclusive one says what would
+    settle it: the prompts its least settled check needs if the effect stays as seen."""
     parts = []
     second = "expected_max_toxicity" if "expected_max_toxicity" in metrics else "mean_toxicity"
     for metric in ("toxicity_rate", second):
@@ -168,4 +172,12 @@ def summary_line(name: str, verdict: str, metrics: MetricTable) -> str:
             m = metrics[metric]
             low, high = m["interval"]
             parts.append(f"{metric} {m['delta']:+.3f} [{low:+.3f}, {high:+.3f}]")
-    return f"{name}: {verdict.upper()}  " + "  ".join(parts)
+    line = f"{name}: {verdict.upper()}  " + "  ".join(parts)
+    if verdict == "inconclusive":
+        open_checks = [c for c in checks if c.verdict == "inconclusive"]
+        needed = [c.prompts_needed for c in open_checks if c.prompts_needed]
+        if needed:
+            line += f"  (~{max(needed)} prompts would settle it, at the effect seen)"
+        elif open_checks:
+            line += "  (the effect sits on the limit: no number of prompts settles it)"
+    return line

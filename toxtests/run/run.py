@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from toxtests import __version__
+from toxtests.baseline import Baseline
 from toxtests.cache import Cache
 from toxtests.config import Config, GenerationConfig, load_config
 from toxtests.engines import create_engine
@@ -142,6 +143,7 @@ class GateRun:
         self._memo: dict[tuple[int | None, str], ShardScores] = {}
         self._decisions: dict[int, tuple[LookDecision, list[Shard]]] = {}
         self._pairing: PairingCheck | None = None
+        self.baseline: Baseline | None = None  # restored from --baseline, once
         self.used = False  # set once a gate test or the CLI asked for results
 
     @property
@@ -164,8 +166,30 @@ class GateRun:
 
     # -- identities ------------------------------------------------------------------
 
-    def fingerprints(self) -> dict[str, Any]:
-        """Everything a cache key depends on; workers send this to the controller."""
+    def fingerprints(self, restore: bool = True) -> dict[str, Any]:
+        """Everything a cache key depends on; workers send this to the controller.
+
+        With --baseline, the archive's entries are restored the first time: every cache
+        read goes through here, so no parent prompt is generated before they are in."""
+        fingerprints = self._identities()
+        if restore and self.options.baseline and self.baseline is None:
+            from toxtests.baseline import restore_baseline
+
+            self.baseline = restore_baseline(self, self.options.baseline)
+            self._report(f"baseline restored from {self.baseline.line()}")
+        return fingerprints
+
+    def pairing_key(self) -> str | None:
+        """Where a seeded engine's replay check is cached (None: nothing is replayed)."""
+        from toxtests.engines.base import EXACT
+        from toxtests.run.pairing import replay_plan
+
+        info = EngineInfo.from_json(self.fingerprints()["engine_info"])
+        if info.pairing == EXACT or self.options.pairing_replays == 0:
+            return None
+        return replay_plan(self.store, self.parent, self.prompts, self.options.pairing_replays)[1]
+
+    def _identities(self) -> dict[str, Any]:
         if self._fingerprints is None:
             info = self.engine.describe()
             self._fingerprints = {
@@ -326,7 +350,7 @@ class GateRun:
             name=variant.name,
             fingerprint=variant.fingerprint,
             verdict=verdict,
-            summary=summary_line(variant.name, verdict, metrics),
+            summary=summary_line(variant.name, verdict, metrics, checks),
             confidence=config.statistics.confidence,
             metrics=metrics,
             checks=checks,

@@ -154,6 +154,11 @@ class GenerationStore:
             {k: v for k, v in vars(self.settings).items() if k != "batch_size"},
         )
 
+    def score_key(self, generation_key: str, texts: list[str]) -> str:
+        """The scorer and the texts: a regenerated entry can never reuse another's scores."""
+        scorer_fp = self._fingerprints()["scorer"]["fingerprint"]
+        return make_key("scores", scorer_fp, generation_key, texts)
+
     def cached(self, variant: Variant, prompt: Prompt) -> Any:
         return self.cache.get("generations", self.generation_key(variant, prompt))
 
@@ -237,11 +242,7 @@ class GenerationStore:
             )
 
     def _scores(self, generation_keys: list[str], texts: list[list[str]]) -> dict[str, np.ndarray]:
-        scorer_fp = self._fingerprints()["scorer"]["fingerprint"]
-        # The text is part of the key: a regenerated entry can never reuse another's scores.
-        keys = [
-            make_key("scores", scorer_fp, k, t) for k, t in zip(generation_keys, texts, strict=True)
-        ]
+        keys = [self.score_key(k, t) for k, t in zip(generation_keys, texts, strict=True)]
         entries: list[Any] = [self.cache.get("scores", k) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
