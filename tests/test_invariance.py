@@ -312,7 +312,7 @@ def test_the_engine_promises_invariance_only_where_it_holds(tiny) -> None:  # no
     from toxtests.engines.torch.engine import TorchEngine
 
     info = TorchEngine(EngineOptions(model=str(tiny.base), device="cpu")).describe()
-    assert info.batch_invariant and info.sampler.startswith("toxtests-crn-v4/")
+    assert info.batch_invariant and info.sampler.startswith("toxtests-crn-v5/")
     assert info.label().endswith("on cpu, batch-invariant")
     assert batch_invariant("cpu", "float32")
     assert not batch_invariant("cpu", "bfloat16")  # MKL's products, not oneDNN's packed ones

@@ -52,3 +52,33 @@ def test_a_hub_id_carries_its_revision_and_a_path_never_does(tmp_path) -> None: 
     ]:
         with pytest.raises(ModelLoadError, match=hint):
             split_revision(bad)
+
+
+def test_a_run_waiting_on_another_processs_conversion_says_so(tmp_path, capsys) -> None:  # noqa: ANN001
+    """The first conversion takes minutes: a second run (another xdist worker, another
+    CI step) says what it waits for, then uses the finished directory."""
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from toxtests.models import _convert_gguf, _sha
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    target = tmp_path / "cache" / "models" / f"tiny-{_sha(gguf, tmp_path / 'cache')[:16]}"
+    target.parent.mkdir(parents=True)
+    result: list = []
+    with FileLock(str(target) + ".lock"):  # "another process" converting
+        waiter = threading.Thread(
+            target=lambda: result.append(_convert_gguf(gguf, tmp_path / "cache"))
+        )
+        waiter.start()
+        time.sleep(0.5)
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    waiter.join(timeout=30)
+    assert result == [target]
+    err = capsys.readouterr().err
+    assert f"waiting for another process converting tiny.gguf into {target}" in err
+    assert "converting tiny.gguf to safetensors" not in err  # the other one did the work

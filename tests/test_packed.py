@@ -189,3 +189,27 @@ def test_a_merged_lora_layer_takes_peft_forward_when_it_must(model) -> None:  # 
     layer.set_adapter(["first", "second"])  # two active adapters: not one merged weight
     with torch.no_grad():
         torch.testing.assert_close(layer(inputs), own(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2048, 640), (640, 2048), (1024, 640), (640, 1024), (256, 640)])
+def test_a_packed_row_is_the_same_alone_and_in_any_batch(shape: tuple[int, int]) -> None:
+    """Gemma 3 270M's projection shapes: each row of a product is bit-identical whatever
+    the number of rows beside it, one row alone included (oneDNN has a kernel of its own
+    for a single row of 640 x 2048 on an AMD EPYC that rounds otherwise)."""
+    import torch
+
+    from toxtests.engines.torch import packed
+
+    if not packed.available():
+        pytest.skip("this PyTorch has no oneDNN packed linears")
+    generator = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(*shape, generator=generator)
+    bias = torch.randn(shape[0], generator=generator)
+    inputs = torch.randn(260, shape[1], generator=generator)
+    weights = packed.pack(weight)
+    with torch.inference_mode():
+        everything = packed.linear(inputs, weights, bias)
+        for rows in (1, 2, 3, 7, 16, 33, 128, 259):
+            assert torch.equal(packed.linear(inputs[:rows], weights, bias), everything[:rows]), rows
+        alone = packed.linear(inputs[:1].reshape(1, 1, -1), weights, bias)
+        assert alone.shape == (1, 1, shape[0]) and torch.equal(alone[0], everything[:1])

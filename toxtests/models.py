@@ -12,10 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from toxtests.errors import ModelLoadError, UnsafeCheckpointError
 from toxtests.files import fingerprint_tree, sha256_file
@@ -51,6 +55,25 @@ def choose_dtype(device: str, requested: str = "auto") -> str:
 
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-load "Loading weights" bars, off while toxtests loads (its own
+    progress lines say what is happening) and back as they were afterwards: under pytest
+    this is the user's process."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    were_off = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not were_off:
+            hf_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:
@@ -114,38 +137,63 @@ def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        notice(f"waiting for another process converting {gguf.name} into {target}")
+        lock.acquire()
+    try:
         if (target / "config.json").exists():
             return target
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"{gguf}: loading GGUF needs the gguf package ({exc}); pip install gguf"
-            ) from None
-        except Exception as exc:
-            raise ModelLoadError(f"{gguf}: cannot convert GGUF ({exc})") from None
-        # The converted weights are plain fp32; a leftover GGUF quantization_config
-        # would make the next load look for the GGUF file again.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None  # type: ignore[assignment]
-        model.is_quantized = False  # type: ignore[assignment]
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
-        (staging / "toxtests-source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n"
+        notice(
+            f"converting {gguf.name} to safetensors in {target.parent} (once: about 2 "
+            "minutes for Gemma 3 270M; later runs load it in seconds)"
         )
-        os.replace(staging, target)
+        started = time.monotonic()
+        _write_conversion(gguf, digest, target)
+        notice(f"converted {gguf.name} in {time.monotonic() - started:.0f}s")
+    finally:
+        lock.release()
     return target
+
+
+def notice(message: str) -> None:
+    """A line on stderr for the slow one-time steps nothing else reports."""
+    print(f"toxtests: {message}", file=sys.stderr, flush=True)
+
+
+def _write_conversion(gguf: Path, digest: str, target: Path) -> None:
+    """Dequantise into a staging directory, then rename it into place: a killed
+    conversion leaves no directory that looks finished."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{gguf}: loading GGUF needs the gguf package ({exc}); pip install gguf"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{gguf}: cannot convert GGUF ({exc})") from None
+    # The converted weights are plain fp32; a leftover GGUF quantization_config
+    # would make the next load look for the GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    (staging / "toxtests-source.json").write_text(
+        json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n"
+    )
+    os.replace(staging, target)
 
 
 def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:

@@ -305,10 +305,13 @@ class HFScorer:
             "use_safetensors": None if allow_pickle else True,
         }
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_ref), **options)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(model_ref), output_loading_info=True, **options
-            )
+            from toxtests.models import quiet_loading
+
+            with quiet_loading():
+                tokenizer = AutoTokenizer.from_pretrained(str(model_ref), **options)
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    str(model_ref), output_loading_info=True, **options
+                )
         except Exception as exc:
             if self._local is None and _is_network_error(exc):
                 hint = "check the model id and the network, or download it and pass hf:/local/dir"

@@ -23,6 +23,7 @@ from toxtests.models import (
     default_cache_dir,
     hub_fingerprint,
     hub_revision,
+    quiet_loading,
     resolve_model,
 )
 
@@ -73,19 +74,18 @@ def load_base(
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=local, trust_remote_code=trust_remote_code, **pinned
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=getattr(torch, dtype),
-            local_files_only=local,
-            trust_remote_code=trust_remote_code,
-            **pinned,
-        )
-    except OSError as exc:
-        raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
-    except ValueError as exc:
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, local_files_only=local, trust_remote_code=trust_remote_code, **pinned
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=getattr(torch, dtype),
+                local_files_only=local,
+                trust_remote_code=trust_remote_code,
+                **pinned,
+            )
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -99,15 +99,16 @@ def load_base(
 def _attach(model: Any, spec: str, peft_name: str, index: int, allow_pickle: bool) -> Any:
     from peft import PeftModel
 
-    if index == 0:
-        return PeftModel.from_pretrained(
-            model,
-            spec,
-            adapter_name=peft_name,
-            is_trainable=False,
-            use_safetensors=not allow_pickle or None,
-        )
-    model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
+    with quiet_loading():
+        if index == 0:
+            return PeftModel.from_pretrained(
+                model,
+                spec,
+                adapter_name=peft_name,
+                is_trainable=False,
+                use_safetensors=not allow_pickle or None,
+            )
+        model.load_adapter(spec, adapter_name=peft_name, is_trainable=False)
     return model
 
 

@@ -10,6 +10,7 @@ by character count of a re-decoded string.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -48,6 +49,16 @@ def context_length(model: Any) -> int:
 # 270M (262k vocabulary, Intel Xeon, 2 threads), 450 prompts: 282 tokens/s at 113 rows,
 # 294 at 150, 298 at 225, 279 at 450.
 CPU_MAX_ROWS = 256
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """What a model's forward calls its KV cache: `cache` from transformers 5.2x, where
+    `past_key_values` still works but logs a deprecation line, else `past_key_values`."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 @contextmanager
@@ -285,7 +296,7 @@ class Generator:
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=attention,
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{cache_keyword(): cache},
                     layout=layout,
                 )
             check_finite(last, step)
@@ -369,9 +380,9 @@ class Generator:
             inputs[LAYOUT_KEYWORD] = layout
         if self.fused is None:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1, :], out.past_key_values
+            return out.logits[:, -1, :], getattr(out, cache_keyword())
         out = self.fused[0](**inputs, use_cache=True)
-        return out.last_hidden_state[:, -1, :], out.past_key_values
+        return out.last_hidden_state[:, -1, :], getattr(out, cache_keyword())
 
     def _next_tokens(self, last: Any, uniforms: Any) -> Any:
         """The next token of every row from its last state, by its own uniform."""
