@@ -26,10 +26,13 @@ def _commands() -> list[list[str]]:
     return commands
 
 
-def test_the_workflow_gates_reports_and_updates_the_card() -> None:
+def test_the_workflow_restores_a_baseline_gates_reports_and_updates_the_card() -> None:
     commands = _commands()
-    assert [c[0] for c in commands] == ["gate", "report"]
-    assert "--model-card" in commands[1]
+    assert [c[0] for c in commands] == ["baseline", "gate", "report"]
+    made = build_parser().parse_args(commands[0]).output
+    restored = build_parser().parse_args(commands[1]).baseline
+    assert made.rstrip("/") == restored  # the gate restores what the baseline step wrote
+    assert "--model-card" in commands[2]
     assert any(
         step.get("uses", "").startswith("actions/cache")
         for step in next(iter(yaml.safe_load(WORKFLOW.read_text())["jobs"].values()))["steps"]

@@ -38,7 +38,7 @@ def test_greedy_matches_transformers_generate(tiny_loaded) -> None:  # noqa: ANN
     reference = []
     with torch.inference_mode():
         for prompt in PROMPTS:  # one at a time: no padding in the reference
-            ids = tokenizer(prompt.text, return_tensors="pt")
+            ids = tokenizer(prompt.text, return_tensors="pt", return_token_type_ids=False)
             out = model.generate(
                 **ids,
                 generation_config=HFConfig(
