@@ -6,6 +6,8 @@ cache (about a minute and a half on two cores); later runs load it in seconds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -51,13 +53,28 @@ def first_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, dic
     models = default_cache_dir() / "models"  # the converted model, not its generations
     (root / "cache").mkdir()
     (root / "cache" / "models").symlink_to(models, target_is_directory=True)
-    code, result = _gate(root, IDENTITY, TOXIC)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code, result = _gate(root, IDENTITY, TOXIC)
+    (root / "stdout.txt").write_text(printed.getvalue())
     return root, code, result
+
+
+def _verdict_lines(text: str) -> list[str]:
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(("identity: ", "toxic: ", "  stopped early: "))
+    ]
 
 
 def test_demo_gate_fails_the_toxic_adapter_and_passes_the_identity(first_gate) -> None:  # noqa: ANN001
     root, code, result = first_gate
     assert code == 1
+    # What the README shows the command printing is what it prints.
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("```\nidentity: ", 1)[1].split("```", 1)[0]
+    assert _verdict_lines("identity: " + shown) == _verdict_lines((root / "stdout.txt").read_text())
     identity, toxic = result["adapters"]
     assert (
         result["model"]["spec"] == "gemma3-270m" and result["scorer"]["spec"] == "profanity-check"
