@@ -56,3 +56,35 @@ def test_long_waits_read_in_minutes_and_hours() -> None:
     clock.now += 30.0
     ticker.update(20, 100)
     assert lines[-1].endswith("about 2m00s left")
+
+
+def test_a_long_scoring_pass_shows_progress_and_scores_as_one_call(tmp_path) -> None:  # noqa: ANN001
+    """Chunks of whole scorer batches: the same batches, so the same scores, as one call
+    (the real profanity-check classifier), with a line per chunk in a CI log."""
+    import numpy as np
+
+    from toxtests.cache import Cache
+    from toxtests.config import GenerationConfig
+    from toxtests.run.store import GenerationStore, Timings
+    from toxtests.score import load_scorer
+
+    scorer = load_scorer("profanity-check", batch_size=64)
+    texts = [f"text {i} is {'a damn insult' if i % 7 == 0 else 'kind'}" for i in range(1200)]
+    lines: list[str] = []
+    store = GenerationStore(
+        Cache(tmp_path),
+        None,
+        GenerationConfig(),
+        None,
+        dict,
+        Timings(),  # type: ignore[arg-type]
+    )
+    store.ticker = lambda label, total, **units: Ticker(
+        label, total, lambda t, r: lines.append(t), False, 0.0, **units
+    )
+    chunked = store._score_in_chunks(scorer, texts)
+    whole = scorer.score(texts)
+    assert set(chunked) == set(whole)
+    assert all(np.array_equal(chunked[a], whole[a]) for a in whole)
+    assert lines[-1].startswith("scoring: 1200/1200 texts,") and "texts/s, done in" in lines[-1]
+    assert any(line.startswith("scoring: 512/1200 texts") for line in lines)

@@ -198,7 +198,9 @@ def _show_progress(run: Any) -> None:
     run.progress = lambda message: print(f"toxtests: {message}", file=sys.stderr, flush=True)
     interactive = sys.stderr.isatty()
     write = stream_writer(sys.stderr, interactive)
-    run.store.ticker = lambda label, total: Ticker(label, total, write, interactive)
+    run.store.ticker = lambda label, total, **units: Ticker(
+        label, total, write, interactive, **units
+    )
 
 
 def run_gate(args: argparse.Namespace) -> int:

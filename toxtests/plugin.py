@@ -59,7 +59,9 @@ def _show_progress(config: pytest.Config, run: Any) -> None:
         if reporter is not None:
             reporter.write_line(f"toxtests: {text}")
 
-    run.store.ticker = lambda label, total: Ticker(label, total, write, interactive=False)
+    run.store.ticker = lambda label, total, **units: Ticker(
+        label, total, write, interactive=False, **units
+    )
 
 
 class GateFailure(Exception):

@@ -1,4 +1,5 @@
-"""Progress of a generation call: prompts done of total, tokens/s and the time left.
+"""Progress of a generation call (prompts done of total, tokens/s, the time left) or of
+scoring (texts, texts/s).
 
 On a terminal the line is redrawn in place; in a CI log (no terminal) a plain line is
 written every `every_s` seconds, so a log shows the run is alive without a line per
@@ -21,7 +22,8 @@ def _duration(seconds: float) -> str:
 
 
 class Ticker:
-    """`update(done, tokens)` after each prompt, `finish()` at the end.
+    """`update(done, tokens)` after each prompt (or each chunk of `items`, with `rate`
+    counting what the speed is in), `finish()` at the end.
 
     `write(text, redraw)`: `redraw` asks to overwrite the current line (a terminal);
     the writer decides what that means where it writes."""
@@ -34,8 +36,11 @@ class Ticker:
         interactive: bool,
         every_s: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        items: str = "prompts",
+        rate: str = "tokens",
     ):
         self.label, self.total = label, total
+        self._items, self._rate = items, rate
         self._write, self._interactive, self._every = write, interactive, every_s
         self._clock = clock
         self._started = clock()
@@ -45,7 +50,7 @@ class Ticker:
     def line(self) -> str:
         elapsed = max(self._clock() - self._started, 1e-9)
         rate = self.tokens / elapsed
-        text = f"{self.label}: {self.done}/{self.total} prompts, {rate:.0f} tokens/s"
+        text = f"{self.label}: {self.done}/{self.total} {self._items}, {rate:.0f} {self._rate}/s"
         # The first batch or two say little about the rest (prefill, the slow first call).
         if max(1, self.total // 20) <= self.done < self.total:
             text += f", about {_duration(elapsed / self.done * (self.total - self.done))} left"

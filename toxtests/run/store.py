@@ -23,6 +23,9 @@ from toxtests.errors import GenerationError, ToxtestsError
 from toxtests.progress import Ticker
 from toxtests.prompts import Prompt
 
+# Texts per scoring call when progress is shown: a few seconds of a neural scorer.
+SCORE_CHUNK_TEXTS = 512
+
 
 @dataclass
 class Timings:
@@ -136,8 +139,9 @@ class GenerationStore:
         self._fingerprints = fingerprints
         self.timings = timings
         self.progress = progress
-        # Builds a progress ticker for one generation call (label, prompts); None: quiet.
-        self.ticker: Callable[[str, int], Ticker] | None = None
+        # Builds a progress ticker for one generation call (label, prompts) or a scoring
+        # pass (label, texts, items=, rate=); None: quiet.
+        self.ticker: Callable[..., Ticker] | None = None
 
     def generation_key(self, variant: Variant, prompt: Prompt) -> str:
         """Everything that changes the text: engine, model, variant, prompt, settings."""
@@ -249,7 +253,7 @@ class GenerationStore:
             flat = [t for i in missing for t in texts[i]]
             scorer = self.scorer.scorer
             with self.timings.timed("score"):
-                scored = scorer.score(flat)
+                scored = self._score_in_chunks(scorer, flat)
             offset = 0
             for i in missing:
                 width = len(texts[i])
@@ -259,3 +263,18 @@ class GenerationStore:
                 entries[i] = entry
         attributes = self._fingerprints()["scorer"]["attributes"]
         return {a: np.array([e[a] for e in entries], dtype=np.float64) for a in attributes}
+
+    def _score_in_chunks(self, scorer: Any, texts: list[str]) -> dict[str, np.ndarray]:
+        """All texts scored, in chunks of whole scorer batches (the same batches, so the
+        same scores, as one call) so a long pass can show its progress."""
+        chunk = scorer.batch_size * max(1, SCORE_CHUNK_TEXTS // scorer.batch_size)
+        if len(texts) <= chunk or self.ticker is None:
+            return dict(scorer.score(texts))
+        ticker = self.ticker("scoring", len(texts), items="texts", rate="texts")
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(texts), chunk):
+            parts.append(scorer.score(texts[start : start + chunk]))
+            done = min(start + chunk, len(texts))
+            ticker.update(done, done)
+        ticker.finish()
+        return {a: np.concatenate([part[a] for part in parts]) for a in parts[0]}
