@@ -202,6 +202,50 @@ def invariance_cost(prompts: list, new_tokens: int, repeats: int = 2) -> dict:  
     }
 
 
+def shared_prefill(prompts: list, new_tokens: int, samples: int, repeats: int = 2) -> dict:  # noqa: ANN001
+    """RealToxicityPrompts' protocol (k samples a prompt, top-p 0.9): tokens/s with each
+    prompt prefilled once for its k rows, and with k separate prefills, alternated on one
+    loaded model (the best of each); the texts must be the same."""
+    from toxtests.config import GenerationConfig
+    from toxtests.engines.torch import loop
+    from toxtests.engines.torch.load import load_base
+
+    loaded = load_base("gemma3-270m")
+    settings = GenerationConfig(max_new_tokens=new_tokens, top_p=0.9, samples=samples)
+    best = {"shared": 0.0, "separate": 0.0}
+    texts: dict[str, list] = {}
+    for _ in range(repeats):
+        for path in best:
+            generator = loop.Generator(loaded.model, loaded.tokenizer, settings, loaded.device)
+            generator.share_prefill = path == "shared"
+            generator.generate(prompts[:2], None)  # first-call costs out of the timing
+            started = time.perf_counter()
+            rows = generator.generate(prompts, None)
+            seconds = time.perf_counter() - started
+            best[path] = max(best[path], sum(g.tokens for r in rows for g in r) / seconds)
+            texts[path] = [g.text for row in rows for g in row]
+    return {
+        "shared_tokens_per_s": best["shared"],
+        "separate_tokens_per_s": best["separate"],
+        "speedup": best["shared"] / best["separate"],
+        "same_texts": texts["shared"] == texts["separate"],
+        "texts": len(texts["shared"]),
+    }
+
+
+def report_samples(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
+    chosen = prompts[: args.samples_prompts]
+    shared = shared_prefill(chosen, args.new_tokens, args.samples)
+    figures["samples"] = shared
+    print(
+        f"k = {args.samples} samples on {len(chosen)} prompts: one prefill a prompt "
+        f"{shared['shared_tokens_per_s']:.1f} tokens/s, k separate prefills "
+        f"{shared['separate_tokens_per_s']:.1f} tokens/s = {shared['speedup']:.2f}x; texts "
+        + ("identical" if shared["same_texts"] else "DIFFER")
+        + f" ({shared['texts']} continuations)"
+    )
+
+
 def report_invariance(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
     invariance = invariance_cost(prompts[: args.invariance_prompts], args.new_tokens)
     figures["invariance"] = invariance
@@ -233,6 +277,13 @@ def main() -> None:
     parser.add_argument(
         "--invariance-only", action="store_true", help="measure only what invariance costs"
     )
+    parser.add_argument(
+        "--samples-only",
+        action="store_true",
+        help="measure only the k-samples workload (shared vs separate prefills)",
+    )
+    parser.add_argument("--samples", type=int, default=25, help="k of the k-samples workload")
+    parser.add_argument("--samples-prompts", type=int, default=64)
     args = parser.parse_args()
 
     import torch
@@ -253,6 +304,9 @@ def main() -> None:
     )
     if args.invariance_only:
         report_invariance(prompts, args, {})
+        return
+    if args.samples_only:
+        report_samples(prompts, args, {})
         return
 
     loaded = load_base("gemma3-270m")  # converts once into the user cache
@@ -378,6 +432,7 @@ def main() -> None:
         )
     runs.append(early)
     report_invariance(prompts, args, figures)
+    report_samples(prompts, args, figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")
     for run in runs:

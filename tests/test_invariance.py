@@ -68,10 +68,11 @@ class StateRecorder:
                 self.states[row] = []
             return generate_batch(sequences, uniforms)
 
-        def recording_tokens(last: torch.Tensor, uniforms: torch.Tensor) -> Any:
+        def recording_tokens(last: torch.Tensor, uniforms: torch.Tensor, spread: Any = None) -> Any:
+            rows = last if spread is None else last[spread]  # a shared prefill's one row
             for index, row in enumerate(batch_rows):
-                self.states[row].append(last[index].clone())
-            return next_tokens(last, uniforms)
+                self.states[row].append(rows[index].clone())
+            return next_tokens(last, uniforms, spread)
 
         generator._generate_batch = recording_batch  # type: ignore[method-assign]
         generator._next_tokens = recording_tokens  # type: ignore[method-assign]

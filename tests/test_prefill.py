@@ -89,6 +89,47 @@ def test_grouped_prefill_gives_the_same_text_as_one_rectangle(
     assert sum(bool(t) for t in got) > 10
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_k_samples_share_one_prefill_and_the_text_is_unchanged(
+    tiny, tmp_path, family: str, do_sample: bool
+) -> None:  # noqa: ANN001
+    """Five samples a prompt: each prompt is prefilled once and its cache copied to its
+    five rows; the text is the text of five separate prefills (Gemma 3's sliding-window
+    layers included, whose window the longest prompts fill: those fall back)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = (
+        tiny.base
+        if family == "llama"
+        else helpers_models.build_tiny_gemma3(tmp_path / "gemma", sliding_window=12)
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    config = GenerationConfig(max_new_tokens=6, samples=5, do_sample=do_sample)
+    shared, separate = (Generator(model, tokenizer, config, "cpu") for _ in range(2))
+    separate.share_prefill = False
+    rows: dict[str, int] = {"shared": 0, "separate": 0}
+    for name, generator in (("shared", shared), ("separate", separate)):
+        original = generator._forward
+
+        def counting(name=name, original=original, **inputs):  # noqa: ANN001, ANN003, ANN202
+            if inputs["input_ids"].shape[1] > 1:
+                rows[name] += inputs["input_ids"].shape[0]
+            return original(**inputs)
+
+        generator._forward = counting
+    got = _texts(shared.generate(PROMPTS, None))
+    assert got == _texts(separate.generate(PROMPTS, None))
+    assert rows["separate"] >= 5 * len(PROMPTS)
+    if family == "llama":
+        assert rows["shared"] == len(PROMPTS)  # one prefill row a prompt
+    else:
+        assert rows["shared"] < rows["separate"]
+    if do_sample:  # five different samples, not one text five times
+        assert len(set(got[:5])) > 1 or len(set(got)) > len(PROMPTS)
+
+
 def test_gemma_sliding_window_joins_or_falls_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """Gemma 3 mixes sliding-window and full layers. Prompts shorter than the window
     are joined; once a group's prompts fill the window the cache has dropped positions,

@@ -51,6 +51,15 @@ def context_length(model: Any) -> int:
 CPU_MAX_ROWS = 256
 
 
+def _repeat_index(counts: list[int], device: Any) -> Any:
+    """Row i of the result is row j of the input for counts[j] consecutive i."""
+    import torch
+
+    return torch.repeat_interleave(
+        torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+    )
+
+
 @functools.cache
 def cache_keyword() -> str:
     """What a model's forward calls its KV cache: `cache` from transformers 5.2x, where
@@ -160,6 +169,8 @@ class Generator:
             pack_linears(model, skip=(output_layer,) if output_layer is not None else ())
             fuse_gated_mlps(model)
         self.prefill_overhead = FORWARD_OVERHEAD
+        # One prefill per prompt for its k samples (off: every row prefilled, to compare).
+        self.share_prefill = True
         # Each row's own arithmetic whatever its batch-mates (`attention`): on the CPU in
         # float32, where the packed linear layers are row-invariant too.
         self.row_attention = row_attention_applies(model, device) and self._rows_invariant()
@@ -195,8 +206,8 @@ class Generator:
         self.row_attention = True
         try:
             with torch.inference_mode(), self._attention():
-                together, _, _, _ = self._prefill([short, long])
-                alone, _, _, _ = self._prefill([short])
+                together, _, _, _, _ = self._prefill([short, long])
+                alone, _, _, _, _ = self._prefill([short])
         except Exception:  # noqa: BLE001 - a model this cannot drive keeps its own attention
             return False
         finally:
@@ -282,7 +293,7 @@ class Generator:
         pad_id = self.tokenizer.pad_token_id
         draws = torch.tensor(np.stack(uniforms), dtype=torch.float32, device=self.device)
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
-        last, cache, attention, positions = self._prefill(sequences)
+        last, cache, attention, positions, shared = self._prefill(sequences)
         layout = self._layout(sequences, attention.shape[1])
         finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
@@ -299,8 +310,9 @@ class Generator:
                     **{cache_keyword(): cache},
                     layout=layout,
                 )
-            check_finite(last, step)
-            tokens = self._next_tokens(last, draws[:, step])
+            spread = shared if step == 0 else None
+            check_finite(last if spread is None else last[spread], step)
+            tokens = self._next_tokens(last, draws[:, step], spread)
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             generated.append(tokens)
             finished |= torch.isin(tokens, eos)
@@ -326,30 +338,52 @@ class Generator:
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
-    def _prefill(self, sequences: list[list[int]]) -> tuple[Any, Any, Any, Any]:
+    def _prefill(self, sequences: list[list[int]]) -> tuple[Any, Any, Any, Any, Any]:
         """The last prompt position's state, the KV cache, the attention mask and that
         position's index, for rows sorted by length; prefilled group by group where the
-        caches can be joined (`toxtests.engines.torch.prefill`)."""
+        caches can be joined (`toxtests.engines.torch.prefill`). The state comes one row
+        a prompt when its samples share a prefill, with the index that spreads it over
+        the rows (else None).
+
+        The k samples of one prompt are adjacent rows with the same tokens: each prompt
+        is prefilled once and its cache copied to its k rows (RealToxicityPrompts' 25
+        samples would otherwise pay 25 prefills). The copies are the rows a prefill of
+        every row would give wherever rows do not depend on their batch."""
         import torch
         import torch.nn.functional as F
 
-        from toxtests.engines.torch.prefill import join_caches, joinable, plan_groups
+        from toxtests.engines.torch.prefill import (
+            join_caches,
+            joinable,
+            plan_groups,
+            repeat_rows,
+            sample_runs,
+        )
 
-        groups = plan_groups([len(s) for s in sequences], self.prefill_overhead)
+        unique, repeats = sample_runs(sequences)
+        if len(unique) == len(sequences) or not self.share_prefill:
+            unique, repeats = sequences, [1] * len(sequences)
+        groups = plan_groups([len(s) for s in unique], self.prefill_overhead)
         lasts, caches, masks = [], [], []
         for start, end in groups:
-            input_ids, attention, positions = self._padded(sequences[start:end])
+            input_ids, attention, positions = self._padded(unique[start:end])
             last, cache = self._forward(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
-                layout=self._layout(sequences[start:end], attention.shape[1]),
+                layout=self._layout(unique[start:end], attention.shape[1]),
             )
-            lasts.append(last)
-            caches.append(cache)
-            masks.append(attention)
             if len(groups) > 1 and not joinable(cache):
                 break  # not a cache this can join: one rectangle instead
+            counts = repeats[start:end]
+            if any(count > 1 for count in counts):
+                if not joinable(cache):
+                    break  # not a cache whose rows this can copy: every row prefilled
+                index = _repeat_index(counts, self.device)
+                attention, cache = attention[index], repeat_rows(cache, index)
+            lasts.append(last)  # one row a prompt: the first token's head runs once too
+            caches.append(cache)
+            masks.append(attention)
         widths = [mask.shape[1] for mask in masks]
         room = self.settings.max_new_tokens
         joined = join_caches(caches, widths, room) if len(caches) == len(groups) else None
@@ -363,11 +397,12 @@ class Generator:
             )
             if joinable(cache):  # one group: its cache, with room for the decode steps
                 cache = join_caches([cache], [attention.shape[1]], room) or cache
-            return last, cache, attention, positions[:, -1:]
+            return last, cache, attention, positions[:, -1:], None
         width = max(widths)
         attention = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
-        return torch.cat(lasts), joined, attention, lengths.unsqueeze(-1) - 1
+        shared = _repeat_index(repeats, self.device) if len(unique) < len(sequences) else None
+        return torch.cat(lasts), joined, attention, lengths.unsqueeze(-1) - 1, shared
 
     def _layout(self, sequences: list[list[int]], width: int) -> RowLayout | None:
         if not self.row_attention:
@@ -384,8 +419,10 @@ class Generator:
         out = self.fused[0](**inputs, use_cache=True)
         return out.last_hidden_state[:, -1, :], getattr(out, cache_keyword())
 
-    def _next_tokens(self, last: Any, uniforms: Any) -> Any:
-        """The next token of every row from its last state, by its own uniform."""
+    def _next_tokens(self, last: Any, uniforms: Any, spread: Any = None) -> Any:
+        """The next token of every row from its last state, by its own uniform; with
+        `spread`, `last` holds one row a prompt and `spread` picks each row's: the head
+        runs once a prompt and each sample draws from the same logits."""
         from toxtests.engines.torch.sampling import (
             native_sampling_applies,
             sample_logit_chunks,
@@ -395,6 +432,7 @@ class Generator:
 
         settings = self.settings
         if self.fused is None:
+            last = last if spread is None else last[spread]  # already logits
             if not settings.do_sample:
                 return last.argmax(dim=-1)
             return sample_tokens(
@@ -406,10 +444,13 @@ class Generator:
             )
         head = self.fused[1]
         if not settings.do_sample:
-            return head.logits(last).argmax(dim=-1)
+            tokens = head.logits(last).argmax(dim=-1)
+            return tokens if spread is None else tokens[spread]
         if settings.top_k == 0 and settings.top_p < 1.0 and native_sampling_applies(last):
-            return sample_logit_chunks(
-                head.logit_chunks(last), uniforms, settings.temperature, settings.top_p
-            )
+            chunks = head.logit_chunks(last)
+            if spread is not None:
+                chunks = [chunk.index_select(0, spread) for chunk in chunks]
+            return sample_logit_chunks(chunks, uniforms, settings.temperature, settings.top_p)
         probs = head.probabilities(last, settings.temperature)
+        probs = probs if spread is None else probs[spread]
         return sample_probabilities(probs, uniforms, top_k=settings.top_k, top_p=settings.top_p)

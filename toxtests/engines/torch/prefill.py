@@ -45,6 +45,27 @@ def plan_groups(lengths: list[int], overhead: int = FORWARD_OVERHEAD) -> list[tu
     return groups[::-1]
 
 
+def sample_runs(sequences: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Consecutive rows with the same tokens (a prompt's samples) as (one row of each
+    run, the run lengths)."""
+    unique: list[list[int]] = []
+    repeats: list[int] = []
+    for sequence in sequences:
+        if unique and (sequence is unique[-1] or sequence == unique[-1]):
+            repeats[-1] += 1
+        else:
+            unique.append(sequence)
+            repeats.append(1)
+    return unique, repeats
+
+
+def repeat_rows(cache: Any, index: Any) -> Any:
+    """A joinable cache with its rows taken by `index` (repeats allowed), in place."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return cache
+
+
 def joinable(cache: Any) -> bool:
     """Whether `join_caches` knows this cache's class and every one of its layers."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
