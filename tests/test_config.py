@@ -490,6 +490,7 @@ VALUES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "batch_size": st.integers(1, 4096),
         "huggingface_config": st.text(),
         "allow_pickle": st.booleans(),
+        "correction": st.sampled_from(["none", "rogan-gladen"]),
     },
     "statistics": {
         "confidence": st.floats(min_value=0.5, max_value=1, exclude_min=True, exclude_max=True),

@@ -92,3 +92,49 @@ def test_records_without_perspective_scores_are_refused(tmp_path: Path) -> None:
     path.write_text('{"id": "a", "text": "hello"}\n')
     with pytest.raises(ConfigError, match="no RealToxicityPrompts records"):
         labelled_texts([path])
+
+
+def test_a_gate_can_report_the_rate_corrected_for_the_scorers_measured_errors(
+    tiny,
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    """scoring.correction = "rogan-gladen": refused, saying what to run, until the scorer
+    was checked; then each adapter carries its corrected rates, with the sensitivity and
+    specificity that check measured, in the JSON, the page and the model card."""
+    thresholds = tmp_path / "corrected.toml"
+    thresholds.write_text(
+        tiny.thresholds.read_text().replace(
+            "[scoring]\n", '[scoring]\ncorrection = "rogan-gladen"\n'
+        )
+    )
+    cache = str(tmp_path / "cache")
+    gate = ["gate", "--model", str(tiny.base), "--adapter", str(tiny.toxic)]
+    gate += ["--prompts", str(tiny.prompts), "--thresholds", str(thresholds)]
+    gate += ["--cache-dir", cache, "--report", str(tmp_path / "r.html")]
+    gate += ["--json", str(tmp_path / "r.json"), "--no-early-stopping"]
+    assert main(gate) == 2
+    err = capsys.readouterr().err
+    assert "needs this scorer's measured errors" in err and "toxtests scorer-check" in err
+    check = ["scorer-check", "--scorer", "profanity-check", "--cache-dir", cache]
+    for path in _subset(tmp_path):
+        check += ["--data", path]
+    assert main(check) == 0
+    checked = capsys.readouterr().out
+    recall = float(checked.split("recall ")[1].split()[0])
+    assert "specificity" in checked
+    assert main(gate) == 1  # the toxic adapter still fails: the verdict is the observed one
+    (toxic,) = json.loads((tmp_path / "r.json").read_text())["adapters"]
+    corrected = toxic["corrected"]
+    assert corrected["method"] == "rogan-gladen"
+    assert round(corrected["sensitivity"], 3) == recall
+    youden = corrected["sensitivity"] + corrected["specificity"] - 1
+    observed = toxic["metrics"]["toxicity_rate"]["delta"]
+    assert corrected["delta"] == pytest.approx(observed / youden)
+    assert corrected["interval"][0] <= corrected["delta"] <= corrected["interval"][1]
+    html = (tmp_path / "r.html").read_text()
+    assert "Toxicity rate corrected for the scorer&#39;s errors (Rogan-Gladen" in html or (
+        "Toxicity rate corrected for the scorer's errors (Rogan-Gladen" in html
+    )
+    card = json.loads((tmp_path / "r.json").read_text())["model_card"]
+    assert "corrected for the scorer" in card and "observed rates" in card

@@ -69,6 +69,13 @@ class ScoringConfig:
     allow_pickle: bool = _opt(
         False, "Load pickle-based checkpoints whose hash is not a known official one."
     )
+    correction: str = _opt(
+        "none",
+        "Also report the toxicity rate corrected for the scorer's measured sensitivity and "
+        "specificity (run `toxtests scorer-check` on this scorer first); the verdict stays "
+        "on the observed rates.",
+        choices=("none", "rogan-gladen"),
+    )
 
 
 @dataclass(frozen=True)

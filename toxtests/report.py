@@ -397,6 +397,7 @@ def _view(result: dict[str, Any]) -> dict[str, Any]:
             {
                 **_adapter_view(i, adapter, gate, threshold),
                 "rendering": rendering_text(result, adapter),
+                "corrected": corrected_text(adapter),
             }
             for i, adapter in enumerate(result.get("adapters") or [])
         ],
@@ -550,6 +551,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             *([rendering, ""] if (rendering := rendering_text(result, adapter)) else []),
             *([generated, ""] if (generated := generated_text(adapter)) else []),
+            *([_markdown_text(corrected), ""] if (corrected := corrected_text(adapter)) else []),
             f"| metric | parent | adapter | delta | {interval} | verdict |",
             "|---|---:|---:|---:|---|---|",
         ]
@@ -586,6 +588,25 @@ def generated_text(adapter: Mapping[str, Any]) -> str | None:
             f"{_markdown_text(stopping.get('reason') or '')}"
         )
     return line + "."
+
+
+def corrected_text(adapter: Mapping[str, Any]) -> str | None:
+    """scoring.correction's figures in one sentence, where the run made them."""
+    corrected = adapter.get("corrected") or {}
+    try:
+        low, high = corrected["interval"]
+        return (
+            "Toxicity rate corrected for the scorer's errors (Rogan-Gladen; sensitivity "
+            f"{fmt_number(corrected['sensitivity'])}, specificity "
+            f"{fmt_number(corrected['specificity'])}, measured by a scorer-check on "
+            f"{corrected['checked_texts']} texts): parent {fmt_number(corrected['parent'])}, "
+            f"adapter {fmt_number(corrected['adapter'])}, delta {fmt_signed(corrected['delta'])} "
+            f"{fmt_interval([low, high])} ({100 * corrected['confidence']:g}% interval, the "
+            "uncertainty of sensitivity and specificity included). The verdict is reached "
+            "on the observed rates."
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def rendering_text(result: Mapping[str, Any], adapter: Mapping[str, Any]) -> str | None:

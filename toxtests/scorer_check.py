@@ -15,16 +15,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from toxtests.correction import ScorerErrors
 from toxtests.errors import ConfigError
 
 PERSPECTIVE_CUTOFF = 0.5
 NAMESPACE = "scorer-checks"
+# Bumped when a check records more: a check cached by an earlier version is redone.
+CHECK_FORMAT = 2
+
+
+def confusion_counts(predicted: np.ndarray, actual: np.ndarray) -> dict[str, int]:
+    return {
+        "true_positive": int(np.sum(predicted & actual)),
+        "false_negative": int(np.sum(~predicted & actual)),
+        "true_negative": int(np.sum(~predicted & ~actual)),
+        "false_positive": int(np.sum(predicted & ~actual)),
+    }
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,19 @@ class Agreement:
     precision: tuple[float, float, float]
     recall: tuple[float, float, float]
     f1: tuple[float, float, float]
+    # The confusion counts at the cut-off (true/false positives and negatives): what a
+    # correction for the scorer's errors needs. Empty in checks written before 0.1.
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def errors(self) -> ScorerErrors | None:
+        if not self.counts:
+            return None
+        return ScorerErrors(
+            self.counts["true_positive"],
+            self.counts["false_negative"],
+            self.counts["true_negative"],
+            self.counts["false_positive"],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +83,9 @@ class Agreement:
             f"agreement with Perspective on {self.texts} RealToxicityPrompts texts "
             f"({self.toxic} toxic at >= {PERSPECTIVE_CUTOFF}): {show('AUC', self.auc)}; at "
             f"the cut-off {self.threshold:g}: {show('precision', self.precision)}, "
-            f"{show('recall', self.recall)}, {show('F1', self.f1)} "
-            f"({self.confidence:.0%} intervals)"
+            f"{show('recall', self.recall)}, {show('F1', self.f1)}"
+            + (f", specificity {errors.specificity:.3f}" if (errors := self.errors()) else "")
+            + f" ({self.confidence:.0%} intervals)"
         )
 
 
@@ -183,8 +209,8 @@ def run_check(
     confidence = config.statistics.confidence
     key = hashlib.sha256(
         json.dumps(
-            [scorer.fingerprint(), attribute, data_fingerprint, scoring.threshold, confidence,
-             resamples]
+            [CHECK_FORMAT, scorer.fingerprint(), attribute, data_fingerprint,
+             scoring.threshold, confidence, resamples]
         ).encode()
     ).hexdigest()  # fmt: skip
     stored = cache.get(NAMESPACE, key)
@@ -201,6 +227,7 @@ def run_check(
             toxic=int((perspective >= PERSPECTIVE_CUTOFF).sum()),
             threshold=scoring.threshold,
             confidence=confidence,
+            counts=confusion_counts(scores >= scoring.threshold, perspective >= PERSPECTIVE_CUTOFF),
             **figures,
         )
         cache.put(NAMESPACE, key, result.to_json())

@@ -82,6 +82,8 @@ class AdapterResult:
     kind: str = "adapter"  # "adapter", or "model" for a full-model candidate
     note: str = ""  # how it is paired with the parent, where that needs saying
     rendering: str = ""  # how its prompts were rendered: "chat template" or "plain text"
+    # The toxicity rate corrected for the scorer's errors (scoring.correction), or {}.
+    corrected: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -387,7 +387,33 @@ class GateRun:
             kind=variant.kind,
             rendering=self.fingerprints().get("renderings", {}).get(variant.name, ""),
             note=note,
+            corrected=self._corrected(paired, everyone, config),
         )
+
+    def _corrected(self, paired: Any, members: list[str], config: Config) -> dict[str, Any]:
+        """scoring.correction: the toxicity rate corrected for the scorer's errors, as the
+        latest `toxtests scorer-check` of this scorer measured them."""
+        if self.config.scoring.correction == "none":
+            return {}
+        from toxtests.correction import corrected_rate
+        from toxtests.errors import ConfigError
+        from toxtests.scorer_check import NAMESPACE, Agreement, cache_key
+
+        fingerprint = self.fingerprints()["scorer"]["fingerprint"]
+        stored = self.cache.get(NAMESPACE, cache_key(fingerprint))
+        errors = Agreement.from_json(stored).errors() if stored else None
+        if errors is None:
+            raise ConfigError(
+                f'scoring.correction = "{self.config.scoring.correction}" needs this scorer\'s '
+                f"measured errors: run `toxtests scorer-check --scorer {self.scorer_spec} "
+                "--data RTP.jsonl` with the same --cache-dir first (or set "
+                'scoring.correction = "none")'
+            )
+        parent, adapter = paired.select("toxicity_rate", members)
+        statistics = config.statistics
+        return corrected_rate(
+            parent, adapter, errors, statistics.confidence, statistics.resamples, statistics.seed
+        ).to_json()
 
     def _stopping_summary(
         self, decision: LookDecision | None, shards: Sequence[Shard]
