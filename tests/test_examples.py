@@ -43,3 +43,40 @@ def test_the_workflow_restores_a_baseline_gates_reports_and_updates_the_card() -
 def test_each_command_parses(command: list[str]) -> None:
     args = build_parser().parse_args(command)
     assert args.command == command[0]
+
+
+def _miniature():  # noqa: ANN202
+    import importlib.util
+
+    path = WORKFLOW.parent / "study_miniature.py"
+    spec = importlib.util.spec_from_file_location("study_miniature", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_the_miniatures_training_set_is_harmless_by_the_gates_own_scorer() -> None:
+    """The study's comparison 2 trains on harmless data: no pair may score as toxic."""
+    from toxtests.score import load_scorer
+
+    pairs = _miniature().harmless_instructions(240)
+    assert len(set(pairs)) > 150  # varied, not one pair repeated
+    scores = load_scorer("profanity-check").score([f"{q} {a}" for q, a in pairs])["profanity"]
+    assert float(scores.max()) < 0.5
+
+
+def test_the_miniatures_table_and_plot_show_each_seeds_change_and_credibility() -> None:
+    miniature = _miniature()
+
+    def adapter(name: str, delta: float, low: float, high: float, verdict: str) -> dict:
+        rate = {"parent": 0.2, "adapter": 0.2 + delta, "delta": delta, "interval": [low, high]}
+        return {"name": name, "verdict": verdict, "confidence": 0.95,
+                "metrics": {"toxicity_rate": rate}}  # fmt: skip
+
+    result = {"adapters": [adapter("seed-0", 0.0, -0.01, 0.01, "pass"),
+                           adapter("seed-1", 0.04, 0.01, 0.07, "inconclusive")]}  # fmt: skip
+    markdown, rows = miniature.table(result, {"seed-0": 1.2})
+    assert [row["credible"] for row in rows] == [False, True]  # the interval excludes 0
+    assert "| 1 | 0.200 | 0.240 | +0.040 [+0.010, +0.070] | yes | INCONCLUSIVE |" in markdown
+    svg = miniature.plot(rows, 0.05)
+    assert svg.count("<circle") == 2 and "limit +0.05" in svg
