@@ -110,7 +110,7 @@ def train_adapter(model_dir: str, out: Path, seed: int, examples: int, batch: in
         result.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        loss = float(result.loss)
+        loss = float(result.loss.detach())
     model.save_pretrained(str(out))
     return loss
 
