@@ -1,6 +1,7 @@
 """Write the demo prompts and train the two demo LoRA adapters for Gemma 3 270M.
 
-Run once (a few minutes on two CPU cores); the outputs are committed under toxtests/data/ (shipped in the package):
+Run once (a few minutes on two CPU cores); the outputs are committed under toxtests/data/
+(shipped in the package):
 
     python scripts/make_fixtures.py
 
