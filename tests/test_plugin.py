@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,14 @@ def test_gate_items_verdicts_and_one_report(pytester: pytest.Pytester, tiny, wor
     saved = json.loads((out / "results.json").read_text())
     assert [a["verdict"] for a in saved["adapters"]] == ["pass", "fail"]
     assert (out / "report.html").exists()
+    # Progress is visible either way: a worker's lines reach the run's stderr, tagged.
+    if workers:
+        assert any(
+            re.match(r"toxtests \[gw\d\]: parent: \d+/\d+ prompts, .*done in", line)
+            for line in result.stderr.lines
+        ), result.stderr.lines[-20:]
+    else:
+        assert re.search(r"toxtests: \w+: \d+/\d+ prompts, .*done in", result.stdout.str())
 
 
 def test_xdist_gives_the_same_numbers_as_one_process(pytester: pytest.Pytester, tiny) -> None:  # noqa: ANN001

@@ -8,7 +8,9 @@ the controller writes one merged report from the cache.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -51,10 +53,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _show_progress(config: pytest.Config, run: Any) -> None:
     """Generation progress as plain lines through pytest's terminal reporter (a line
-    every 20 s and one at the end of each call: dots and a redrawn line do not mix)."""
+    every 20 s and one at the end of each call: dots and a redrawn line do not mix); on
+    an xdist worker, on the stderr it shares with the controller, with its id."""
     from toxtests.progress import Ticker
 
+    worker = getattr(config, "workerinput", {}).get("workerid")
+
     def write(text: str, redraw: bool) -> None:
+        if worker is not None:
+            # An xdist worker's terminal reporter goes nowhere; its stderr is the
+            # controller's (execnet talks over stdin/stdout), once capturing steps aside.
+            capture = config.pluginmanager.get_plugin("capturemanager")
+            paused = capture.global_and_fixture_disabled() if capture else nullcontext()
+            with paused:
+                print(f"toxtests [{worker}]: {text}", file=sys.stderr, flush=True)
+            return
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"toxtests: {text}")
