@@ -101,6 +101,12 @@ class EngineInfo:
         return cls(**values)
 
 
+def _default_cache_dir() -> Path:
+    from toxtests.models import default_cache_dir
+
+    return default_cache_dir()
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What every engine is built from; engine-specific fields are ignored by the others."""
@@ -108,7 +114,8 @@ class EngineOptions:
     model: str = "gemma3-270m"
     adapters: tuple[str, ...] = ()
     candidates: tuple[str, ...] = ()  # full models judged against `model` (--candidate)
-    cache_dir: Path = Path(".")
+    # The user's cache ($TOXTESTS_CACHE or ~/.cache/toxtests), never the working directory.
+    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None  # a Hub model's branch, tag or commit

@@ -21,7 +21,6 @@ from toxtests.models import (
     check_adapter_fits,
     describe_model,
     load_tokenizer,
-    resolve_model,
     split_revision,
 )
 
@@ -58,16 +57,17 @@ def local_variants(options: EngineOptions) -> list[Variant]:
 
 def _check_adapters_fit(options: EngineOptions) -> None:
     """A local adapter made for another base fails here, before the parent is generated
-    (the torch engine would find out on loading, vLLM only at the adapter's first batch)."""
-    local = [Path(spec).expanduser() for spec in options.adapters]
-    if not any(path.is_dir() for path in local):
+    (the torch engine would find out on loading, vLLM only at the adapter's first batch).
+
+    Only a base that is a transformers directory already: listing variants must not
+    convert a GGUF model or reach the Hub; those are checked when they load."""
+    base = Path(options.model).expanduser()
+    if not base.is_dir():
         return
-    source, kind, _ = resolve_model(options.model, options.cache_dir)
-    if kind == "hub":
-        return  # its files are the Hub's; loading checks the fit
-    for spec, path in zip(options.adapters, local, strict=True):
+    for spec in options.adapters:
+        path = Path(spec).expanduser()
         if path.is_dir():
-            check_adapter_fits(spec, path, options.model, Path(source))
+            check_adapter_fits(spec, path, options.model, base)
 
 
 class LocalTokenizers:
