@@ -2,6 +2,7 @@
 
     python bench/bench_gate.py            # default: Gemma 3 270M, 900 challenging prompts
     python bench/bench_gate.py --quick    # 64 prompts, a couple of minutes
+    python bench/bench_gate.py --small-only   # 128 prompts end to end vs the plain script
 
 Measures, in one run on the same model, prompts and settings (20 new tokens, top-p 0.9,
 one sample per prompt): the baseline (`model.generate` in batches, then the same
@@ -233,6 +234,137 @@ def shared_prefill(prompts: list, new_tokens: int, samples: int, repeats: int = 
     }
 
 
+def machine() -> str:
+    """The CPU, its vector extensions and the threads torch uses: figures compare only
+    within one machine."""
+    import platform
+
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {vector}, {torch.get_num_threads()} torch threads"
+
+
+def _timed_process(command: list[str], timings: Path | None = None) -> dict:
+    """Wall seconds of a command run as its own process (interpreter start and imports
+    counted), with its phase timings when it writes them (`timed_gate.py`)."""
+    import subprocess
+
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode not in (0, 1):  # 1: the gate failed an adapter, as it should
+        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr}")
+    figures: dict = {"wall": wall, "stdout": done.stdout}
+    if timings is not None:
+        figures.update(json.loads(timings.read_text()))
+        generate = figures["seconds"].get("generate", 0.0)
+        figures["outside_generation"] = wall - generate
+        tokens = figures["generated_tokens"]
+        figures["tokens_per_s"] = tokens / generate if generate else None
+    return figures
+
+
+def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> dict:  # noqa: ANN001
+    """The CI-sized gate end to end, as processes: 128 prompts not seen before, parent +
+    one adapter, early stopping off, a fresh cache directory (the converted model
+    shared), against the plain transformers + PEFT script (`plain_gate.py`); then a
+    second adapter against the cached parent."""
+    from toxtests.shards import stratified_subset
+
+    chosen = stratified_subset(prompts, args.small_prompts)
+    workdir = Path(tempfile.mkdtemp(prefix="toxtests-bench-small-"))
+    prompt_file = workdir / "prompts.jsonl"
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"id": p.id, "text": p.text, "challenging": p.challenging}) + "\n"
+            for p in chosen
+        )
+    )
+    thresholds = workdir / "thresholds.toml"
+    thresholds.write_text(f"[generation]\nmax_new_tokens = {args.new_tokens}\ntop_p = 0.9\n")
+    cache = workdir / "cache"
+    (cache / "models").mkdir(parents=True)
+    for entry in Path(model_dir).parent.iterdir():
+        (cache / "models" / entry.name).symlink_to(entry)
+    adapters = REPO / "toxtests" / "data" / "adapters"
+    bench = Path(__file__).resolve().parent
+    plain = _timed_process(
+        [
+            sys.executable,
+            str(bench / "plain_gate.py"),
+            model_dir,
+            str(adapters / "identity"),
+            str(prompt_file),
+            "--new-tokens",
+            str(args.new_tokens),
+        ]
+    )
+
+    def gate_process(label: str, *adapter_names: str) -> dict:
+        timings = workdir / f"{label}.json"
+        command = [sys.executable, str(bench / "timed_gate.py"), str(timings), "gate"]
+        for name in adapter_names:
+            command += ["--adapter", str(adapters / name)]
+        command += [
+            "--prompts",
+            str(prompt_file),
+            "--thresholds",
+            str(thresholds),
+            "--cache-dir",
+            str(cache),
+            "--report",
+            str(workdir / "report.html"),
+            "--json",
+            str(workdir / "results.json"),
+            "--no-early-stopping",
+            "--quiet",
+        ]
+        return _timed_process(command, timings)
+
+    first = gate_process("first", "identity")
+    second = gate_process("second", "identity", "toxic")
+    shutil.rmtree(workdir, ignore_errors=True)
+    for run in (plain, first, second):
+        run.pop("stdout")
+    return {
+        "prompts": len(chosen),
+        "plain_script": plain,
+        "first_gate": first,
+        "second_adapter": second,
+        "speedup": plain["wall"] / first["wall"],
+        "second_share": second["wall"] / first["wall"],
+    }
+
+
+def report_small(prompts: list, args: argparse.Namespace, model_dir: str, figures: dict) -> None:  # noqa: ANN001
+    small = small_workload(prompts, args, model_dir)
+    figures["small"] = small
+    first, second = small["first_gate"], small["second_adapter"]
+    print(
+        f"small workload ({small['prompts']} prompts, parent + identity adapter, early "
+        f"stopping off, fresh cache, each run a process): plain transformers + PEFT script "
+        f"{small['plain_script']['wall']:.1f}s; toxtests gate {first['wall']:.1f}s "
+        f"(generation {first['seconds']['generate']:.1f}s at {first['tokens_per_s']:.1f} "
+        f"tokens/s) = {small['speedup']:.1f}x; a second adapter against the cached parent "
+        f"{second['wall']:.1f}s = {small['second_share']:.0%} of the first gate"
+    )
+    print(
+        f"fixed costs (wall outside generation: interpreter, imports, model, scorer, "
+        f"statistics, report): first gate {first['outside_generation']:.1f}s, second "
+        f"adapter {second['outside_generation']:.1f}s"
+    )
+
+
 def report_samples(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
     chosen = prompts[: args.samples_prompts]
     shared = shared_prefill(chosen, args.new_tokens, args.samples)
@@ -284,6 +416,12 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=25, help="k of the k-samples workload")
     parser.add_argument("--samples-prompts", type=int, default=64)
+    parser.add_argument(
+        "--small-only",
+        action="store_true",
+        help="measure only the small end-to-end workload (against the plain script)",
+    )
+    parser.add_argument("--small-prompts", type=int, default=128)
     args = parser.parse_args()
 
     import torch
@@ -297,11 +435,18 @@ def main() -> None:
     limit = args.limit or (64 if args.quick else 0)
     prompt_set = load_prompts(args.prompts)
     prompts = stratified_subset(prompt_set.prompts, limit) if limit else prompt_set.prompts
+    print(f"machine: {machine()}")
     print(
         f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
         f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, "
         f"{torch.get_num_threads()} threads"
     )
+    if args.small_only:
+        loaded = load_base("gemma3-270m")  # converts once into the user cache
+        model_dir = loaded.model.name_or_path
+        del loaded
+        report_small(prompt_set.prompts, args, model_dir, {})
+        return
     if args.invariance_only:
         report_invariance(prompts, args, {})
         return
@@ -412,6 +557,12 @@ def main() -> None:
         print(f"speed-up over the baseline: {speedup:.1f}x")
     print(f"second adapter: {second['wall'] / first['wall']:.0%} of the first gate's wall time")
     print(f"identical re-run: {rerun['wall'] / first['wall']:.0%} of the first gate's wall time")
+    print(
+        "fixed costs in process (outside generation: model, scorer, statistics, report): "
+        + ", ".join(
+            f"{run['label'].split(' (')[0]} {run['wall'] - run['generate']:.1f}s" for run in runs
+        )
+    )
     # Early stopping, on a cold cache: how much of the work does a clear verdict need?
     cold = workdir / "cache-early"
     (cold / "models").mkdir(parents=True)
@@ -433,6 +584,7 @@ def main() -> None:
     runs.append(early)
     report_invariance(prompts, args, figures)
     report_samples(prompts, args, figures)
+    report_small(prompt_set.prompts, args, model_dir, figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")
     for run in runs:

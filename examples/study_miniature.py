@@ -1,4 +1,4 @@
-"""Comparison 2 of Hawkins, Mittelstadt & Russell (2024), in miniature, on a CPU.
+"""Comparisons 2 and 3 of Hawkins, Mittelstadt & Russell (2024), in miniature, on a CPU.
 
 An instruction-tuned model (SmolLM2-135M-Instruct, embedded in toxtests) gets a LoRA on
 a harmless instruction set written here (arithmetic, unit conversions, capitals,
@@ -6,8 +6,14 @@ spelling, list formatting: no toxic content), with the study's settings (r = 16,
 alpha = 16 on the attention and MLP projections, one epoch), once per training seed.
 Each adapter is then gated against its parent on challenging RealToxicityPrompts with
 the study's decoding (greedy, 50 new tokens, no chat template) and profanity-check as
-the scorer (the study's RoBERTa hate-speech classifier needs a download). Writes a
-results table (Markdown and JSON) and a plot (SVG) into --out.
+the scorer (the study's RoBERTa hate-speech classifier needs a download).
+
+Comparison 3 (a community fine-tune against its parent) stands in with one of those
+adapters merged into the weights and saved as a full model, the form in which community
+fine-tunes and merged LoRAs are published: it is gated as a `--candidate` in the same
+run, so the parent's generations are shared and the merged model's verdict can be read
+beside its adapter's. Writes a results table (Markdown and JSON) and a plot (SVG) into
+--out.
 
     python examples/study_miniature.py --out study-miniature     # ~10 minutes, 2 cores
 
@@ -115,7 +121,22 @@ def train_adapter(model_dir: str, out: Path, seed: int, examples: int, batch: in
     return loss
 
 
-def gate(adapters: list[Path], out: Path, prompts: int, cache: Path) -> dict:
+def merge_adapter(model_dir: str, adapter: Path, target: Path) -> None:
+    """The adapter merged into its base and saved as a plain transformers model (weights
+    W + BA in float32, tokenizer beside them): what a community fine-tune looks like."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(target), safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(target))
+
+
+def gate(
+    adapters: list[Path], out: Path, prompts: int, cache: Path, candidates: list[Path] = ()
+) -> dict:
     thresholds = out / "thresholds.toml"
     thresholds.write_text(
         "# The study's decoding: greedy, 50 new tokens, no chat template.\n"
@@ -131,6 +152,8 @@ def gate(adapters: list[Path], out: Path, prompts: int, cache: Path) -> dict:
     ]  # fmt: skip
     for adapter in adapters:
         command += ["--adapter", str(adapter)]
+    for candidate in candidates:
+        command += ["--candidate", str(candidate)]
     done = subprocess.run(command, text=True)
     if done.returncode not in (0, 1):
         raise SystemExit(f"the gate failed (exit {done.returncode})")
@@ -142,9 +165,12 @@ def table(result: dict, losses: dict[str, float]) -> tuple[str, list[dict]]:
     for adapter in result["adapters"]:
         rate = adapter["metrics"]["toxicity_rate"]
         low, high = rate["interval"]
+        merged = adapter.get("kind") == "model"
         rows.append(
             {
-                "seed": adapter["name"].removeprefix("seed-"),
+                "comparison": 3 if merged else 2,
+                "seed": adapter["name"].removeprefix("merged-seed-").removeprefix("seed-"),
+                "label": (f"{adapter['name']} (full model)" if merged else adapter["name"]),
                 "parent": rate["parent"],
                 "adapter": rate["adapter"],
                 "delta": rate["delta"],
@@ -156,14 +182,15 @@ def table(result: dict, losses: dict[str, float]) -> tuple[str, list[dict]]:
         )
     confidence = result["adapters"][0]["confidence"] if result["adapters"] else 0.95
     lines = [
-        "| training seed | parent toxicity rate | adapter toxicity rate | change "
-        f"[{confidence:.0%} interval] | credible difference | gate verdict |",
-        "|---|---:|---:|---|---|---|",
+        "| comparison | training seed | parent toxicity rate | fine-tune toxicity rate | "
+        f"change [{confidence:.0%} interval] | credible difference | gate verdict |",
+        "|---|---|---:|---:|---|---|---|",
     ]
     for row in rows:
         low, high = row["interval"]
+        what = "3: merged, as a full model" if row["comparison"] == 3 else "2: LoRA adapter"
         lines.append(
-            f"| {row['seed']} | {row['parent']:.3f} | {row['adapter']:.3f} | "
+            f"| {what} | {row['seed']} | {row['parent']:.3f} | {row['adapter']:.3f} | "
             f"{row['delta']:+.3f} [{low:+.3f}, {high:+.3f}] | "
             f"{'yes' if row['credible'] else 'no'} | {row['verdict'].upper()} |"
         )
@@ -172,7 +199,7 @@ def table(result: dict, losses: dict[str, float]) -> tuple[str, list[dict]]:
 
 def plot(rows: list[dict], limit: float) -> str:
     """Each seed's change with its interval, 0 and the gate's limit marked (SVG)."""
-    width, height, left, right = 520, 60 + 50 * len(rows), 90, 30
+    width, height, left, right = 540, 60 + 50 * len(rows), 110, 30
     values = [v for row in rows for v in (*row["interval"], row["delta"])] + [0.0, limit]
     low, high = min(values) - 0.01, max(values) + 0.01
 
@@ -182,7 +209,8 @@ def plot(rows: list[dict], limit: float) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         'font-family="sans-serif" font-size="12">',
-        f'<text x="{left}" y="16">Change in toxicity rate, LoRA on harmless data vs parent</text>',
+        f'<text x="{left}" y="16">Change in toxicity rate, fine-tuned on harmless data '
+        "vs parent</text>",
     ]
     for value, label, colour in ((0.0, "0", "#57606a"), (limit, f"limit +{limit:g}", "#cf222e")):
         parts.append(
@@ -195,7 +223,8 @@ def plot(rows: list[dict], limit: float) -> str:
         y = 50 + 50 * index
         a, b = row["interval"]
         parts.append(
-            f'<text x="8" y="{y + 4}">seed {row["seed"]}</text>'
+            f'<text x="8" y="{y + 4}">{"merged " if row["comparison"] == 3 else ""}'
+            f"seed {row['seed']}</text>"
             f'<line x1="{x(a):.1f}" y1="{y}" x2="{x(b):.1f}" y2="{y}" stroke="#0969da" '
             'stroke-width="3"/>'
             f'<circle cx="{x(row["delta"]):.1f}" cy="{y}" r="5" fill="#0969da"/>'
@@ -212,6 +241,12 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=240, help="harmless pairs (one epoch)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=300, help="challenging RTP prompts")
+    parser.add_argument(
+        "--merge-seed",
+        type=int,
+        default=None,
+        help="the seed whose adapter is merged for comparison 3 (default: the first)",
+    )
     args = parser.parse_args()
 
     from toxtests.models import default_cache_dir, resolve_model
@@ -231,7 +266,13 @@ def main() -> None:
             f"(last batch loss {losses[target.name]:.3f})"
         )
         adapters.append(target)
-    result = gate(adapters, out, args.prompts, cache)
+    merge_seed = args.seeds[0] if args.merge_seed is None else args.merge_seed
+    if merge_seed not in args.seeds:
+        raise SystemExit(f"--merge-seed {merge_seed} is not among --seeds {args.seeds}")
+    merged = out / "adapters" / f"merged-seed-{merge_seed}"
+    merge_adapter(model_dir, out / "adapters" / f"seed-{merge_seed}", merged)
+    print(f"merged seed-{merge_seed} into {merged} (comparison 3's full model)")
+    result = gate(adapters, out, args.prompts, cache, candidates=[merged])
     markdown, rows = table(result, losses)
     (out / "results.md").write_text(markdown)
     (out / "results-table.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -68,15 +68,23 @@ def test_the_miniatures_training_set_is_harmless_by_the_gates_own_scorer() -> No
 def test_the_miniatures_table_and_plot_show_each_seeds_change_and_credibility() -> None:
     miniature = _miniature()
 
-    def adapter(name: str, delta: float, low: float, high: float, verdict: str) -> dict:
+    def adapter(
+        name: str, delta: float, low: float, high: float, verdict: str, kind: str = "adapter"
+    ) -> dict:
         rate = {"parent": 0.2, "adapter": 0.2 + delta, "delta": delta, "interval": [low, high]}
-        return {"name": name, "verdict": verdict, "confidence": 0.95,
+        return {"name": name, "verdict": verdict, "confidence": 0.95, "kind": kind,
                 "metrics": {"toxicity_rate": rate}}  # fmt: skip
 
     result = {"adapters": [adapter("seed-0", 0.0, -0.01, 0.01, "pass"),
-                           adapter("seed-1", 0.04, 0.01, 0.07, "inconclusive")]}  # fmt: skip
+                           adapter("seed-1", 0.04, 0.01, 0.07, "inconclusive"),
+                           adapter("merged-seed-1", 0.06, 0.02, 0.1, "fail", "model")]}  # fmt: skip
     markdown, rows = miniature.table(result, {"seed-0": 1.2})
-    assert [row["credible"] for row in rows] == [False, True]  # the interval excludes 0
-    assert "| 1 | 0.200 | 0.240 | +0.040 [+0.010, +0.070] | yes | INCONCLUSIVE |" in markdown
+    assert [row["credible"] for row in rows] == [False, True, True]  # the interval excludes 0
+    assert [row["comparison"] for row in rows] == [2, 2, 3]
+    assert (
+        "| 2: LoRA adapter | 1 | 0.200 | 0.240 | +0.040 [+0.010, +0.070] | yes | INCONCLUSIVE |"
+        in markdown
+    )
+    assert "| 3: merged, as a full model | 1 | 0.200 | 0.260 |" in markdown
     svg = miniature.plot(rows, 0.05)
-    assert svg.count("<circle") == 2 and "limit +0.05" in svg
+    assert svg.count("<circle") == 3 and "limit +0.05" in svg and "merged seed 1" in svg

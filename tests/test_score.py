@@ -52,6 +52,51 @@ def test_profanity_check_ranks_profane_text_above_benign() -> None:
     assert len(scorer.fingerprint()) == 64 and scorer.fingerprint() == scorer.fingerprint()
 
 
+def test_profanity_checks_identity_needs_no_scikit_learn_import() -> None:
+    """A gate keys its cache by the scorer's fingerprint before anything is scored: that
+    must not import scikit-learn (~1.5 s, and a fully cached run never scores), and must
+    be the same fingerprint before and after the classifier is imported (else caches
+    written by earlier versions, which imported first, would be missed)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from toxtests.score import load_scorer\n"
+        "scorer = load_scorer('profanity-check')\n"
+        "before = scorer.fingerprint()\n"
+        "print('sklearn' in sys.modules, 'profanity_check' in sys.modules)\n"
+        "scorer.score(['hello there'])\n"
+        "print(before == scorer.fingerprint(), 'sklearn' in sys.modules)\n"
+        "print(before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "False False"  # identified without importing either
+    assert lines[1] == "True True"  # the same identity once scoring imported them
+    assert lines[2] == load_scorer("profanity-check").fingerprint()
+
+
+def test_a_preloaded_scorer_scores_like_one_loaded_on_demand() -> None:
+    """`ScorerHandle.preload` imports the classifier on a thread while the engine
+    generates; scores afterwards are the scorer's own."""
+    from toxtests.config import Config
+    from toxtests.run.store import ScorerHandle, Timings
+
+    handle = ScorerHandle("profanity-check", Config(), "cpu", False, Timings())
+    handle.preload()
+    handle.preload()  # once: a second call starts nothing
+    thread = handle._preloading
+    assert thread is not None
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    np.testing.assert_array_equal(
+        handle.scorer.score(TEXTS)["profanity"],
+        load_scorer("profanity-check").score(TEXTS)["profanity"],
+    )
+
+
 def test_profanity_check_batches_match_one_call() -> None:
     whole = load_scorer("profanity-check", batch_size=64).score(TEXTS)
     batched = load_scorer("profanity-check", batch_size=2).score(TEXTS)

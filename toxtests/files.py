@@ -49,6 +49,20 @@ def atomic_write_json(path: str | Path, value: object) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def default_cache_dir() -> Path:
+    """The user's cache: $TOXTESTS_CACHE, else $XDG_CACHE_HOME/toxtests, else ~/.cache."""
+    env = os.environ.get("TOXTESTS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "toxtests"
+
+
+# Files at least this large are remembered in the user's cache, whichever cache directory
+# a run uses: a fresh CI cache would otherwise re-read a gigabyte of weights (~1.5 s).
+REMEMBERED_SIZE = 16 << 20
+
+
 def _load_store(store: Path) -> dict[str, str]:
     try:
         value = json.loads(store.read_text(encoding="utf-8"))
@@ -70,8 +84,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20, store: Path | None = Non
     with _lock:
         if key in _fingerprints:
             return _fingerprints[key]
-    if store is not None:
-        remembered = _load_store(store).get(store_key)
+    stores = [store] if store is not None else []
+    if stat.st_size >= REMEMBERED_SIZE:
+        stores.append(default_cache_dir() / "fingerprints.json")
+    for memo_file in stores:
+        remembered = _load_store(memo_file).get(store_key)
         if isinstance(remembered, str) and len(remembered) == 64:
             with _lock:
                 _fingerprints[key] = remembered
@@ -83,11 +100,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20, store: Path | None = Non
     value = digest.hexdigest()
     with _lock:
         _fingerprints[key] = value
-    if store is not None:
-        # A concurrent writer may drop this entry (last rename wins): it is only a memo.
-        memo = _load_store(store)
+    for memo_file in stores:
+        # A concurrent writer may drop this entry (last rename wins): it is only a memo,
+        # and one that cannot be written (a read-only home) costs a re-hash, no more.
+        memo = _load_store(memo_file)
         memo[store_key] = value
-        atomic_write_json(store, memo)
+        try:
+            atomic_write_json(memo_file, memo)
+        except OSError:
+            if memo_file == store:
+                raise
     return value
 
 

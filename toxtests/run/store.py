@@ -8,6 +8,8 @@ cache under one lock per shard (or per variant when prefetching).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -86,6 +88,7 @@ class ScorerHandle:
         self._allow_pickle = allow_pickle
         self._timings = timings
         self._scorer: Any = None
+        self._preloading: threading.Thread | None = None
 
     @property
     def scorer(self) -> Any:
@@ -108,6 +111,16 @@ class ScorerHandle:
                     f"{self.spec}; it emits: {', '.join(self._scorer.attributes)}"
                 )
         return self._scorer
+
+    def preload(self) -> None:
+        """Start the scorer's slow imports on a thread, once: called as generation starts,
+        so they overlap it (the decode loop spends its time in torch, off the GIL)."""
+        warm_up = getattr(self.scorer, "warm_up", None)
+        if warm_up is not None and self._preloading is None:
+            self._preloading = threading.Thread(
+                target=_quietly, args=(warm_up,), name="toxtests-scorer", daemon=True
+            )
+            self._preloading.start()
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
@@ -232,6 +245,7 @@ class GenerationStore:
             if ticker is not None:
                 ticker.update(done[0], done[1])
 
+        self.scorer.preload()
         with self.timings.timed("generate"):
             self.engine.generate(
                 [prompts[i] for i in missing], variant, self.settings, on_prompt_done=store
@@ -278,3 +292,9 @@ class GenerationStore:
             ticker.update(done, done)
         ticker.finish()
         return {a: np.concatenate([part[a] for part in parts]) for a in parts[0]}
+
+
+def _quietly(task: Any) -> None:
+    # A failure is raised again, with its message, where it matters (see preload).
+    with contextlib.suppress(Exception):
+        task()
