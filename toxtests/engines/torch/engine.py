@@ -151,6 +151,11 @@ class TorchEngine:
             )
         return self._generators[settings]
 
+    def prepare(self, variant: Variant, settings: GenerationConfig) -> None:
+        """Load the model `variant` runs on and its decode loop, so the gate can time
+        that apart from generation."""
+        self.generator(settings, variant.spec if variant.kind == MODEL else None)
+
     def generate(
         self,
         prompts: Sequence[Prompt],
