@@ -212,6 +212,25 @@ def test_console_script_bad_input_has_no_traceback(tiny, tmp_path: Path) -> None
     assert "missing.jsonl: prompt file not found" in done.stderr
 
 
+def test_the_command_exits_with_the_verdict_and_every_line_written(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """`python -m toxtests` (the command's `entry_point`) ends without the interpreter's
+    teardown: its exit code must still be the verdict, and everything it printed into
+    a pipe, and the files it wrote, must be complete."""
+    args = [sys.executable, "-m", "toxtests", "gate", "--model", str(tiny.base)]
+    args += ["--adapter", str(tiny.identity), "--adapter", str(tiny.toxic)]
+    args += ["--prompts", str(tiny.prompts), "--thresholds", str(tiny.thresholds)]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--no-early-stopping"]
+    args += ["--report", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 1, done.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [a["verdict"] for a in result["adapters"]] == ["pass", "fail"]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("identity: PASS") and lines[1].startswith("toxic: FAIL")
+    assert lines[-1] == f"json: {tmp_path / 'r.json'}"  # the last line, flushed
+    assert (tmp_path / "r.html").read_text().rstrip().endswith("</html>")
+
+
 def test_early_stopping_stops_a_clear_regression_and_says_why(tiny, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     code = _gate(tiny, tmp_path, adapters=(tiny.toxic,))
     assert code == 1

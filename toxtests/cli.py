@@ -9,6 +9,7 @@ message and no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -238,6 +239,16 @@ def run_gate(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def entry_point() -> None:
+    """The `toxtests` command: `main`, then an exit that skips the interpreter's
+    teardown. Every file is written (atomically, fsynced) and the engine closed by then;
+    tearing down torch and a loaded model took another 0.5-1.5 s of a 30 s gate."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -262,4 +273,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry_point()
