@@ -8,7 +8,11 @@ Measures, in one run on the same model, prompts and settings (20 new tokens, top
 one sample per prompt): the baseline (`model.generate` in batches, then the same
 scorer); the machine's ceiling (measured matmul throughput / the model's FLOPs per
 generated token); toxtests' first gate (parent + one adapter), a second adapter against
-the same parent, and an identical re-run; peak memory; wall time by phase.
+the same parent, and an identical re-run; peak memory; wall time by phase; the fixed
+costs (everything but generation) on their own line; the k = 25 samples workload; and a
+small CI-sized gate (128 prompts) end to end as processes against `plain_gate.py`, the
+script a user would write. The first line names the machine: compare figures only
+within one run.
 """
 
 from __future__ import annotations

@@ -68,6 +68,26 @@ def test_same_seed_same_weights_other_seed_other_weights(method: str) -> None:
     assert not np.array_equal(first, resample_weights(15, 50, method, seed=43))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_drawn_again_are_the_ones_drawn_first_and_cannot_be_changed(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looks, checks and tables share one drawn matrix per scope: it must be the one a
+    fresh draw gives, and read-only, so no caller can alter what the next one reads."""
+    import toxtests.compare as compare
+
+    monkeypatch.setattr(compare, "_drawn", {})
+    first = resample_weights(40, 300, method, seed=7)
+    assert resample_weights(40, 300, method, seed=7) is first  # drawn once
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 1.0
+    monkeypatch.setattr(compare, "_drawn", {})
+    np.testing.assert_array_equal(resample_weights(40, 300, method, seed=7), first)
+    monkeypatch.setattr(compare, "_DRAWN_LIMIT", 300 * 41 * 8)  # room for one matrix
+    other = resample_weights(41, 300, method, seed=7)
+    assert list(compare._drawn) == [(41, 300, method, 7)] and other.shape == (300, 41)
+
+
 def test_single_prompt_gets_all_the_weight() -> None:
     for method in METHODS:
         np.testing.assert_allclose(resample_weights(1, 10, method, seed=0), 1.0)
