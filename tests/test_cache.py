@@ -30,6 +30,7 @@ def test_round_trip_and_key_sensitivity(tmp_path: Path) -> None:
         lambda raw: raw.replace("h\\u00e9llo", "hallo"),  # an edited payload
         lambda raw: "",  # an empty file
         lambda raw: json.dumps({"payload": "{}"}),  # no checksum
+        lambda raw: "\0" * len(raw),  # unsynced blocks after a power loss read as zeros
     ],
 )
 def test_corrupt_entries_are_reported_discarded_and_never_used(tmp_path: Path, damage) -> None:  # noqa: ANN001
@@ -43,6 +44,25 @@ def test_corrupt_entries_are_reported_discarded_and_never_used(tmp_path: Path, d
     assert not path.exists()
     # Reported once: a second read is a plain miss.
     assert cache.get("scores", key) is None
+
+
+def test_entries_skip_the_fsync_that_reports_keep(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A gate writes thousands of entries: they are atomic but not fsynced (a checksum
+    catches what a power loss could tear, above); reports and baselines, which nothing
+    checks on reading, are still synced before they replace the old file."""
+    import os
+
+    from toxtests.files import atomic_write_text
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    cache = Cache(tmp_path)
+    for index in range(5):
+        cache.put("generations", make_key(index), {"samples": []})
+    assert synced == [] and cache.get("generations", make_key(3)) == {"samples": []}
+    atomic_write_text(tmp_path / "report.html", "<html></html>")
+    assert len(synced) == 1
 
 
 def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ class Cache:
     def put(self, kind: str, key: str, value: Any) -> None:
         payload_text = json.dumps(value, sort_keys=True, ensure_ascii=False)
         entry = json.dumps({"sha256": _checksum(payload_text), "payload": payload_text})
-        atomic_write_bytes(self.path(kind, key), entry.encode("utf-8"))
+        # No fsync: the checksum makes an entry torn by a power loss a miss, not an error.
+        atomic_write_bytes(self.path(kind, key), entry.encode("utf-8"), durable=False)
 
     def _corrupt(self, path: Path, why: str) -> None:
         if str(path) not in self.reported:
