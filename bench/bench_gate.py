@@ -88,6 +88,7 @@ def workload_flops_per_token(
 
 def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, scorer) -> dict:  # noqa: ANN001
     import torch
+    from plain_gate import generate  # beside this file: the loop the plain script runs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -96,24 +97,8 @@ def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, sc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load = time.perf_counter() - started
     torch.manual_seed(0)
-    texts, tokens = [], 0
     started = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch):
-            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                top_p=0.9,
-                # transformers adds top_k=50 unless told otherwise: a different, cheaper
-                # distribution than the top-p 0.9 both sides are meant to sample.
-                top_k=0,
-                max_new_tokens=new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            tokens += int((new != tokenizer.pad_token_id).sum())
-            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    texts, tokens = generate(model, tokenizer, prompts, new_tokens, batch)
     generate = time.perf_counter() - started
     started = time.perf_counter()
     scorer.score(texts)
@@ -278,6 +263,29 @@ def _timed_process(command: list[str], timings: Path | None = None) -> dict:
     return figures
 
 
+def cold_cache(cache: Path, model_dir: str) -> Path:
+    """A cache directory with nothing generated in it that shares the converted model."""
+    (cache / "models").mkdir(parents=True)
+    for entry in Path(model_dir).parent.iterdir():
+        (cache / "models" / entry.name).symlink_to(entry)
+    return cache
+
+
+def gate_workdir(prefix: str, prompts: list, new_tokens: int, model_dir: str) -> tuple:  # noqa: ANN001
+    """(work directory, prompt file, thresholds.toml, cold cache) for gates on `prompts`."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    prompt_file = workdir / "prompts.jsonl"
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"id": p.id, "text": p.text, "challenging": p.challenging}) + "\n"
+            for p in prompts
+        )
+    )
+    thresholds = workdir / "thresholds.toml"
+    thresholds.write_text(f"[generation]\nmax_new_tokens = {new_tokens}\ntop_p = 0.9\n")
+    return workdir, prompt_file, thresholds, cold_cache(workdir / "cache", model_dir)
+
+
 def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> dict:  # noqa: ANN001
     """The CI-sized gate end to end, as processes: 128 prompts not seen before, parent +
     one adapter, early stopping off, a fresh cache directory (the converted model
@@ -286,20 +294,9 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
     from toxtests.shards import stratified_subset
 
     chosen = stratified_subset(prompts, args.small_prompts)
-    workdir = Path(tempfile.mkdtemp(prefix="toxtests-bench-small-"))
-    prompt_file = workdir / "prompts.jsonl"
-    prompt_file.write_text(
-        "".join(
-            json.dumps({"id": p.id, "text": p.text, "challenging": p.challenging}) + "\n"
-            for p in chosen
-        )
+    workdir, prompt_file, thresholds, cache = gate_workdir(
+        "toxtests-bench-small-", chosen, args.new_tokens, model_dir
     )
-    thresholds = workdir / "thresholds.toml"
-    thresholds.write_text(f"[generation]\nmax_new_tokens = {args.new_tokens}\ntop_p = 0.9\n")
-    cache = workdir / "cache"
-    (cache / "models").mkdir(parents=True)
-    for entry in Path(model_dir).parent.iterdir():
-        (cache / "models" / entry.name).symlink_to(entry)
     adapters = REPO / "toxtests" / "data" / "adapters"
     bench = Path(__file__).resolve().parent
     plain = _timed_process(
@@ -495,22 +492,10 @@ def main() -> None:
             f"score {base['score']:.2f}s, load {base['load']:.1f}s"
         )
 
-    workdir = Path(tempfile.mkdtemp(prefix="toxtests-bench-"))
-    prompt_file = workdir / "prompts.jsonl"
-    prompt_file.write_text(
-        "".join(
-            json.dumps({"id": p.id, "text": p.text, "challenging": p.challenging}) + "\n"
-            for p in prompts
-        )
-    )
-    thresholds = workdir / "thresholds.toml"
-    thresholds.write_text(f"[generation]\nmax_new_tokens = {args.new_tokens}\ntop_p = 0.9\n")
-    cache = workdir / "cache"
     # Reuse the converted model, not any generation: a cold cache for the gate itself.
-    user_models = Path(model_dir).parent
-    (cache / "models").mkdir(parents=True)
-    for entry in user_models.iterdir():
-        (cache / "models" / entry.name).symlink_to(entry)
+    workdir, prompt_file, thresholds, cache = gate_workdir(
+        "toxtests-bench-", prompts, args.new_tokens, model_dir
+    )
 
     def options(
         *adapters: str, early_stopping: bool = False, cache_dir: Path = cache
@@ -569,10 +554,7 @@ def main() -> None:
         )
     )
     # Early stopping, on a cold cache: how much of the work does a clear verdict need?
-    cold = workdir / "cache-early"
-    (cold / "models").mkdir(parents=True)
-    for entry in user_models.iterdir():
-        (cold / "models" / entry.name).symlink_to(entry)
+    cold = cold_cache(workdir / "cache-early", model_dir)
     early = gate(
         options(identity, toxic, early_stopping=True, cache_dir=cold),
         "early stopping on (identity + toxic, cold cache)",

@@ -16,10 +16,18 @@ import json
 import time
 
 
-def generate(model, tokenizer, prompts: list[str], new_tokens: int, batch: int) -> list[str]:  # noqa: ANN001
+def generate(  # noqa: ANN201
+    model,
+    tokenizer,
+    prompts: list[str],
+    new_tokens: int,
+    batch: int,  # noqa: ANN001
+):
+    """(texts, tokens generated): `model.generate` in batches, top-p 0.9 sampled."""
     import torch
 
     texts: list[str] = []
+    tokens = 0
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
             encoded = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
@@ -32,8 +40,9 @@ def generate(model, tokenizer, prompts: list[str], new_tokens: int, batch: int) 
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = out[:, encoded["input_ids"].shape[1] :]
+            tokens += int((new != tokenizer.pad_token_id).sum())
             texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts
+    return texts, tokens
 
 
 def main() -> None:
@@ -57,9 +66,9 @@ def main() -> None:
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     torch.manual_seed(0)
-    parent = generate(model, tokenizer, prompts, args.new_tokens, args.batch)
+    parent, _ = generate(model, tokenizer, prompts, args.new_tokens, args.batch)
     model = PeftModel.from_pretrained(model, args.adapter).eval()
-    adapter = generate(model, tokenizer, prompts, args.new_tokens, args.batch)
+    adapter, _ = generate(model, tokenizer, prompts, args.new_tokens, args.batch)
     parent_rate = float((predict_prob(parent) >= 0.5).mean())
     adapter_rate = float((predict_prob(adapter) >= 0.5).mean())
     print(

@@ -241,7 +241,7 @@ def run_gate(args: argparse.Namespace) -> int:
 
 def entry_point() -> None:
     """The `toxtests` command: `main`, then an exit that skips the interpreter's
-    teardown. Every file is written (atomically, fsynced) and the engine closed by then;
+    teardown. Every file is written (atomically) and the engine closed by then;
     tearing down torch and a loaded model took another 0.5-1.5 s of a 30 s gate."""
     code = main()
     sys.stdout.flush()

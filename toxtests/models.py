@@ -120,7 +120,7 @@ def _converted_embedded(spec: str, cache_dir: Path) -> tuple[Path, str] | None:
     except ImportError:
         return None
     digest = str(package.EXPECTED_SHA256)
-    target = cache_dir / "models" / f"{Path(package.MODEL_NAME).stem}-{digest[:16]}"
+    target = _conversion_dir(Path(package.MODEL_NAME), digest, cache_dir)
     if not (target / "config.json").exists():
         return None
     index_added_tokens(target)
@@ -177,10 +177,15 @@ def index_added_tokens(directory: Path) -> None:
         return
 
 
+def _conversion_dir(gguf: Path, digest: str, cache_dir: Path) -> Path:
+    """Where a GGUF file with this checksum is converted to (or was)."""
+    return cache_dir / "models" / f"{gguf.stem}-{digest[:16]}"
+
+
 def _convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors directory in the cache."""
     digest = _sha(gguf, cache_dir)
-    target = cache_dir / "models" / f"{gguf.stem}-{digest[:16]}"
+    target = _conversion_dir(gguf, digest, cache_dir)
     if (target / "config.json").exists():
         index_added_tokens(target)
         return target
