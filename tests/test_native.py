@@ -171,6 +171,22 @@ def test_the_environment_switch_turns_it_off() -> None:
     assert out.stdout.strip() == "True"
 
 
+def test_sampling_with_the_kernel_does_not_import_numba() -> None:
+    """The C path shares only the ladder with the numba one: importing numba (~0.5 s,
+    holding the GIL) is for the runs that sample on its path."""
+    code = (
+        "import sys, torch\n"
+        "from toxtests.engines.torch.sampling import sample_logit_chunks\n"
+        "chunks = [torch.randn(4, 300) * 3, torch.randn(4, 200) * 3]\n"
+        "tokens = sample_logit_chunks(chunks, torch.rand(4), 1.0, 0.9)\n"
+        "print(sorted(int(t) < 500 for t in tokens), 'numba' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[True, True, True, True] False"
+
+
 def test_native_draws_follow_transformers_top_p_distribution() -> None:
     """Chi-square test of many draws against transformers' own top-p filtering."""
     from scipy import stats

@@ -7,11 +7,14 @@ before anyone computes a statistic from it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
+import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -166,7 +169,11 @@ def _versions(*distributions: str) -> str:
 
 
 class ProfanityCheckScorer:
-    """alt-profanity-check: a linear SVM over word n-grams that ships its weights (offline)."""
+    """alt-profanity-check: a linear SVM over word n-grams that ships its weights (offline).
+
+    Scored from its arrays converted once into the user's cache (toxtests.profanity: no
+    scikit-learn import, bit-identical scores), else through scikit-learn, converting then.
+    """
 
     attributes: tuple[str, ...] = ("profanity",)
     primary = "profanity"
@@ -181,23 +188,53 @@ class ProfanityCheckScorer:
                 "pip install alt-profanity-check"
             )
         self.spec, self.batch_size = spec, batch_size
-        self._data = sorted((Path(found.origin).parent / "data").glob("*.joblib"))
+        self._data_dir = Path(found.origin).parent / "data"
+        self._data = sorted(self._data_dir.glob("*.joblib"))
+        self._lock = threading.Lock()
+        self._predict: Callable[[list[str]], np.ndarray] | None = None
 
     def fingerprint(self) -> str:
+        # Unchanged by the converted fast path: its scores are bit-identical (tests prove it).
         files = [f"{p.name}:{sha256_file(p)}" for p in self._data]
         return _fingerprint(
             "profanity-check", _versions("alt-profanity-check", "scikit-learn"), *files
         )
 
     def warm_up(self) -> None:
-        """Import the classifier (and scikit-learn); `ScorerHandle.preload` runs this on
-        a thread while the engine generates."""
-        import profanity_check  # noqa: F401
+        """Load the converted classifier, or import it (and scikit-learn) and convert it;
+        `ScorerHandle.preload` runs this on a thread while the engine generates."""
+        self._predictor()
 
     def score(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        predict = self._predictor()
+        return _score_in_batches(self, texts, lambda batch: {"profanity": predict(batch)})
+
+    def _predictor(self) -> Callable[[list[str]], np.ndarray]:
+        with self._lock:  # warm_up's thread and score() must not both import and convert
+            if self._predict is None:
+                self._predict = self._load()
+            return self._predict
+
+    def _load(self) -> Callable[[list[str]], np.ndarray]:
+        from toxtests import profanity
+
+        try:
+            path: Path | None = profanity.cache_path(self._data_dir)
+        except OSError:  # a data file is missing: profanity_check's import will say so
+            path = None
+        converted = profanity.load(path) if path is not None else None
+        if converted is not None:
+            return converted.score
         from profanity_check import predict_prob
 
-        return _score_in_batches(self, texts, lambda batch: {"profanity": predict_prob(batch)})
+        if path is not None:
+            # Next time without scikit-learn; refused or failed, it stays scikit-learn's job
+            # (same scores). Into a cache that cannot be written, nothing is converted.
+            with contextlib.suppress(Exception):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if os.access(path.parent, os.W_OK):
+                    profanity.save(profanity.convert(self._data_dir), path)
+        return predict_prob
 
 
 class DetoxifyScorer:

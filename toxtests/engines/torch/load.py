@@ -7,11 +7,15 @@ comparison.
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toxtests.engines.torch.tokenizer_process import (
+    TokenizerProcess,
+    TokenizerProcessError,
+    load_tokenizer,
+)
 from toxtests.errors import ModelLoadError
 from toxtests.models import (
     DEFAULT_MODEL,
@@ -62,7 +66,6 @@ def load_base(
 ) -> LoadedModel:
     """Load the base model and tokenizer (left padding, a pad token guaranteed)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = cache_dir or default_cache_dir()
     source, kind, fingerprint = resolve_model(spec, cache_dir)
@@ -74,17 +77,16 @@ def load_base(
     pinned = {"revision": revision} if revision else {}
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
+    tokenizer_options = {
+        "local_files_only": local, "trust_remote_code": trust_remote_code, **pinned
+    }  # fmt: skip
+    # The tokenizer loads in a process of its own while this one imports the model's
+    # code and maps its weights: both hold their GIL for seconds.
+    tokenizer = start_tokenizer(source, tokenizer_options)
     try:
-        with quiet_loading(), ThreadPoolExecutor(1, "toxtests-tokenizer") as pool:
-            # The tokenizer parses its JSON (33 MB for Gemma 3, ~3 s) while the weights
-            # load: together ~2 s less than one after the other on two cores.
-            tokenizer_loading = pool.submit(
-                AutoTokenizer.from_pretrained,
-                source,
-                local_files_only=local,
-                trust_remote_code=trust_remote_code,
-                **pinned,
-            )
+        with quiet_loading():
+            from transformers import AutoModelForCausalLM
+
             try:
                 model = AutoModelForCausalLM.from_pretrained(
                     source,
@@ -94,18 +96,31 @@ def load_base(
                     **pinned,
                 )
             except Exception:
-                tokenizer_loading.result()  # its error first, as when it loaded first
-                raise
-            tokenizer = tokenizer_loading.result()
-    except (OSError, ValueError) as exc:
+                tokenizer = finish_tokenizer(tokenizer, source, tokenizer_options)
+                raise  # the tokenizer's error first, as when it loaded first
+            tokenizer = finish_tokenizer(tokenizer, source, tokenizer_options)
+    except (OSError, ValueError, TokenizerProcessError) as exc:
         raise ModelLoadError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out, so any token works; EOS is the convention.
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
+
+
+def start_tokenizer(source: str, options: dict[str, Any]) -> TokenizerProcess | None:
+    """The tokenizer loading in a child process; None where none can start (it then loads
+    here, after the weights)."""
+    try:
+        return TokenizerProcess(source, options)
+    except OSError:
+        return None
+
+
+def finish_tokenizer(started: TokenizerProcess | None, source: str, options: dict[str, Any]) -> Any:
+    """The loaded tokenizer: the child's, once it has loaded, or one loaded here."""
+    if started is None:
+        return load_tokenizer(source, options)
+    started.wait_loaded()
+    return started
 
 
 def _attach(model: Any, spec: str, peft_name: str, index: int, allow_pickle: bool) -> Any:

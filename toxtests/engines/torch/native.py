@@ -162,7 +162,7 @@ class _Rows:
     (chunks, widths, count, first row, last row, scale, ladder, rungs, target, room)."""
 
     def __init__(self, chunks: list[Any], scale: float, top_p: float):
-        from toxtests.engines.torch.nucleus import BLOCK, LADDER, MARGIN
+        from toxtests.engines.torch.ladder import BLOCK, LADDER, MARGIN
 
         rows = int(chunks[0].shape[0])
         for chunk in chunks:

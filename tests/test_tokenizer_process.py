@@ -1,0 +1,81 @@
+"""The torch engine's tokenizer in a child process: the same answers as in process, its
+errors as model-load errors, and a child that ends with it."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toxtests.engines.torch.load import load_base
+from toxtests.engines.torch.tokenizer_process import TokenizerProcess, TokenizerProcessError
+from toxtests.errors import ModelLoadError
+
+TEXTS = [
+    "the weather",
+    "she said that they would go home after the river",
+    "",
+    "  spaces   and\ttabs\n",
+    "Ärger über 🙂 and ﬁ ligatures",
+    "idiot idiot idiot",
+]
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_tokenizer_answers_from_its_own_process_as_it_would_here(tiny, tmp_path) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
+    remote = loaded.tokenizer
+    assert isinstance(remote, TokenizerProcess) and remote.pid != os.getpid()
+    remote.wait_loaded()
+    if Path(f"/proc/{remote.pid}/maps").exists():
+        # The point of the child: it loads the tokenizer without torch or the model's code.
+        assert "libtorch" not in Path(f"/proc/{remote.pid}/maps").read_text()
+    local = AutoTokenizer.from_pretrained(str(tiny.base))
+    for text in TEXTS:
+        ids = local(text)["input_ids"]
+        assert remote(text)["input_ids"] == ids
+        assert remote.decode(ids, skip_special_tokens=True) == local.decode(
+            ids, skip_special_tokens=True
+        )
+    batch = remote(TEXTS[:2], return_tensors="pt", padding=True)
+    assert isinstance(batch["input_ids"], torch.Tensor)
+    # As the engine sets it up: left padding, a pad token.
+    assert remote.padding_side == "left" and remote.pad_token_id is not None
+    assert remote.eos_token_id == local.eos_token_id
+    assert remote.get_vocab() == local.get_vocab() and len(remote) == len(local)
+    with pytest.raises(TokenizerProcessError):
+        remote.decode("not token ids", not_an_option=True)
+
+
+def test_the_child_ends_with_its_tokenizer(tiny, tmp_path) -> None:  # noqa: ANN001
+    loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
+    pid = loaded.tokenizer.pid
+    os.kill(pid, 0)  # alive while the model is
+    del loaded
+    gc.collect()
+    assert _gone(pid)
+
+
+def test_a_tokenizer_that_cannot_load_is_a_model_load_error(tiny, tmp_path) -> None:  # noqa: ANN001
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.base, broken)
+    (broken / "tokenizer.json").write_text("{ this is not a tokenizer")
+    with pytest.raises(ModelLoadError, match=r"broken: cannot load model \(.+\)"):
+        load_base(str(broken), cache_dir=tmp_path, device="cpu")
