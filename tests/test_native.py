@@ -181,9 +181,7 @@ def test_sampling_with_the_kernel_does_not_import_numba() -> None:
         "tokens = sample_logit_chunks(chunks, torch.rand(4), 1.0, 0.9)\n"
         "print(sorted(int(t) < 500 for t in tokens), 'numba' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[True, True, True, True] False"
 
 
