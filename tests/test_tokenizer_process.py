@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +29,19 @@ TEXTS = [
 
 
 def _gone(pid: int, within: float = 10.0) -> bool:
+    """Whether process `pid` has exited (a zombie left to its reaper counts as exited)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
+        status = Path(f"/proc/{pid}/status")
+        try:
+            if "State:\tZ" in status.read_text():
+                return True
+        except OSError:
+            pass
         time.sleep(0.05)
     return False
 
@@ -79,3 +88,24 @@ def test_a_tokenizer_that_cannot_load_is_a_model_load_error(tiny, tmp_path) -> N
     (broken / "tokenizer.json").write_text("{ this is not a tokenizer")
     with pytest.raises(ModelLoadError, match=r"broken: cannot load model \(.+\)"):
         load_base(str(broken), cache_dir=tmp_path, device="cpu")
+
+
+def test_a_killed_gate_leaves_no_tokenizer_process_behind(tiny) -> None:  # noqa: ANN001
+    """The child reads its requests from the parent's pipe: a parent killed outright
+    (no finalizer runs) closes it, and the child ends instead of lingering."""
+    code = (
+        "import sys, time\n"
+        "from toxtests.engines.torch.tokenizer_process import TokenizerProcess\n"
+        f"tokenizer = TokenizerProcess({str(tiny.base)!r}, {{'local_files_only': True}})\n"
+        "tokenizer.wait_loaded()\n"
+        "print(tokenizer.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _gone(child)
