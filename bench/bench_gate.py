@@ -64,6 +64,35 @@ def measured_matmul_gflops(hidden: int, vocab: int, batch: int) -> dict[str, flo
     return best
 
 
+def head_by_rows(model, rows: tuple[int, ...] = (128, 256), repeats: int = 3) -> dict[int, float]:  # noqa: ANN001
+    """GFLOP/s of the output head as a decode step runs it (every 4096-column chunk of the
+    model's own packed head, each read from memory once a step) for `rows` rows at a
+    time: what one 256-row batch of parent and adapter rows would gain over two of 128."""
+    import torch
+
+    from toxtests.engines.torch.head import output_head
+    from toxtests.engines.torch.memory import retained_memory
+
+    fused = output_head(model, "cpu")
+    if fused is None:
+        return {}
+    head = fused[1]
+    hidden = int(model.config.hidden_size)
+    best: dict[int, float] = {}
+    with torch.inference_mode(), retained_memory():  # as generation keeps its heap
+        for count in rows:
+            states = torch.randn(count, hidden)
+            head.logit_chunks(states)  # packing and first-touch costs out of the timing
+            for _ in range(repeats):
+                started = time.perf_counter()
+                head.logit_chunks(states)
+                seconds = time.perf_counter() - started
+                flops = 2.0 * count * hidden * int(model.config.vocab_size)
+                best[count] = max(best.get(count, 0.0), flops / seconds / 1e9)
+    head.release()
+    return best
+
+
 def flops_per_token(model) -> float:  # noqa: ANN001
     """2 × every weight a generated token passes through (the embedding lookup is free,
     the tied output projection is not)."""
@@ -424,6 +453,11 @@ def main() -> None:
         help="measure only the small end-to-end workload (against the plain script)",
     )
     parser.add_argument("--small-prompts", type=int, default=128)
+    parser.add_argument(
+        "--head-only",
+        action="store_true",
+        help="measure only the output head's throughput at 128 and 256 rows",
+    )
     args = parser.parse_args()
 
     import torch
@@ -452,6 +486,10 @@ def main() -> None:
     if args.invariance_only:
         report_invariance(prompts, args, {})
         return
+    if args.head_only:
+        loaded = load_base("gemma3-270m")
+        print(f"output head as a decode step runs it: {head_by_rows(loaded.model)} GFLOP/s")
+        return
     if args.samples_only:
         report_samples(prompts, args, {})
         return
@@ -472,6 +510,12 @@ def main() -> None:
         + ", ".join(f"{name} {value:.0f}" for name, value in libraries.items())
         + f") x {per_token / 1e9:.3f} GFLOP/token = {ceiling:.0f} tokens/s"
     )
+    by_rows = head_by_rows(loaded.model)
+    if by_rows:
+        print(
+            "output head as a decode step runs it: "
+            + ", ".join(f"{rows} rows {value:.0f} GFLOP/s" for rows, value in by_rows.items())
+        )
     del loaded
 
     scorer = load_scorer("profanity-check")
@@ -480,6 +524,7 @@ def main() -> None:
         "ceiling_tokens_per_s": ceiling,
         "gflops": gflops,
         "gflops_by_library": libraries,
+        "head_gflops_by_rows": by_rows,
     }
     if not args.skip_baseline:
         base = baseline(

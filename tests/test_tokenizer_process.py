@@ -76,6 +76,7 @@ def test_the_tokenizer_answers_from_its_own_process_as_it_would_here(tiny, tmp_p
 def test_the_child_ends_with_its_tokenizer(tiny, tmp_path) -> None:  # noqa: ANN001
     loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
     pid = loaded.tokenizer.pid
+    assert loaded.tokenizer.decode([1, 2]) is not None  # a remembered remote method
     os.kill(pid, 0)  # alive while the model is
     del loaded
     gc.collect()

@@ -102,9 +102,15 @@ class TokenizerProcess:
         if name not in values:
             kind, value = self._request("attr", name)
             if kind == "callable":
+                # Through a weak reference: a method remembered here must not keep its
+                # tokenizer (and so the child) alive in a cycle until the next collection.
+                owner = weakref.ref(self)
 
                 def remote(*args: Any, _name: str = name, **kwargs: Any) -> Any:
-                    return self._request("call", _name, args, kwargs)
+                    tokenizer = owner()
+                    if tokenizer is None:
+                        raise TokenizerProcessError("the tokenizer process has ended")
+                    return tokenizer._request("call", _name, args, kwargs)
 
                 value = remote
             values[name] = value
