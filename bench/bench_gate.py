@@ -376,6 +376,16 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
     }
 
 
+def report_head(model) -> dict[int, float]:  # noqa: ANN001
+    by_rows = head_by_rows(model)
+    if by_rows:
+        print(
+            "output head as a decode step runs it (every chunk read once a step): "
+            + ", ".join(f"{rows} rows {value:.0f} GFLOP/s" for rows, value in by_rows.items())
+        )
+    return by_rows
+
+
 def report_small(prompts: list, args: argparse.Namespace, model_dir: str, figures: dict) -> None:  # noqa: ANN001
     small = small_workload(prompts, args, model_dir)
     figures["small"] = small
@@ -487,8 +497,7 @@ def main() -> None:
         report_invariance(prompts, args, {})
         return
     if args.head_only:
-        loaded = load_base("gemma3-270m")
-        print(f"output head as a decode step runs it: {head_by_rows(loaded.model)} GFLOP/s")
+        report_head(load_base("gemma3-270m").model)
         return
     if args.samples_only:
         report_samples(prompts, args, {})
@@ -510,12 +519,7 @@ def main() -> None:
         + ", ".join(f"{name} {value:.0f}" for name, value in libraries.items())
         + f") x {per_token / 1e9:.3f} GFLOP/token = {ceiling:.0f} tokens/s"
     )
-    by_rows = head_by_rows(loaded.model)
-    if by_rows:
-        print(
-            "output head as a decode step runs it: "
-            + ", ".join(f"{rows} rows {value:.0f} GFLOP/s" for rows, value in by_rows.items())
-        )
+    by_rows = report_head(loaded.model)
     del loaded
 
     scorer = load_scorer("profanity-check")
