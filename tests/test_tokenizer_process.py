@@ -110,3 +110,21 @@ def test_a_killed_gate_leaves_no_tokenizer_process_behind(tiny) -> None:  # noqa
         parent.kill()
         parent.wait()
     assert _gone(child)
+
+
+def test_a_child_that_cannot_run_leaves_the_tokenizer_to_this_process(
+    tiny,
+    tmp_path,
+    monkeypatch,
+    capsys,  # noqa: ANN001
+) -> None:
+    """An interpreter that cannot run the child (here one that exits at once) costs the
+    start-up overlap, not the gate: the tokenizer loads here, with a line saying so."""
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(broken))
+    loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
+    assert not isinstance(loaded.tokenizer, TokenizerProcess)
+    assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token_id is not None
+    assert "loading the tokenizer in this process instead" in capsys.readouterr().err

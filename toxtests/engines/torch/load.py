@@ -14,6 +14,7 @@ from typing import Any
 from toxtests.engines.torch.tokenizer_process import (
     TokenizerProcess,
     TokenizerProcessError,
+    TokenizerProcessExited,
     load_tokenizer,
 )
 from toxtests.errors import ModelLoadError
@@ -28,6 +29,7 @@ from toxtests.models import (
     default_cache_dir,
     hub_fingerprint,
     hub_revision,
+    notice,
     quiet_loading,
     resolve_model,
 )
@@ -111,16 +113,25 @@ def start_tokenizer(source: str, options: dict[str, Any]) -> TokenizerProcess | 
     here, after the weights)."""
     try:
         return TokenizerProcess(source, options)
-    except OSError:
+    except OSError as exc:
+        notice(
+            f"the tokenizer process could not start ({exc}); "
+            "loading the tokenizer in this process instead"
+        )
         return None
 
 
 def finish_tokenizer(started: TokenizerProcess | None, source: str, options: dict[str, Any]) -> Any:
-    """The loaded tokenizer: the child's, once it has loaded, or one loaded here."""
-    if started is None:
-        return load_tokenizer(source, options)
-    started.wait_loaded()
-    return started
+    """The loaded tokenizer: the child's, once it has loaded, or one loaded here where
+    the child could not run at all (a tokenizer that fails to load fails either way)."""
+    if started is not None:
+        try:
+            started.wait_loaded()
+            return started
+        except TokenizerProcessExited as exited:
+            notice(f"{exited}; loading the tokenizer in this process instead")
+            started.close()
+    return load_tokenizer(source, options)
 
 
 def _attach(model: Any, spec: str, peft_name: str, index: int, allow_pickle: bool) -> Any:

@@ -43,7 +43,11 @@ def _receive(stream: Any) -> Any:
 
 
 class TokenizerProcessError(RuntimeError):
-    """The child failed to load the tokenizer or died; carries the child's message."""
+    """The child failed to load the tokenizer or a call on it failed: the child's message."""
+
+
+class TokenizerProcessExited(TokenizerProcessError):
+    """The child ended without answering (it could not start Python, say)."""
 
 
 class TokenizerProcess:
@@ -79,7 +83,7 @@ class TokenizerProcess:
             reply = _receive(self._child.stdout)
         except EOFError:
             code = self._child.poll()
-            raise TokenizerProcessError(
+            raise TokenizerProcessExited(
                 f"the tokenizer process for {self._source} exited"
                 + (f" with code {code}" if code is not None else "")
             ) from None
