@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from toxtests.engines.torch import load as load_module
 from toxtests.engines.torch.load import load_base
 from toxtests.engines.torch.tokenizer_process import TokenizerProcess, TokenizerProcessError
 from toxtests.errors import ModelLoadError
+
+
+@pytest.fixture(autouse=True)
+def _every_tokenizer_in_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only large tokenizers go to a child by default; the tiny one here must too."""
+    monkeypatch.setattr(load_module, "CHILD_TOKENIZER_BYTES", 0)
+
 
 TEXTS = [
     "the weather",
@@ -128,3 +136,11 @@ def test_a_child_that_cannot_run_leaves_the_tokenizer_to_this_process(
     assert not isinstance(loaded.tokenizer, TokenizerProcess)
     assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token_id is not None
     assert "loading the tokenizer in this process instead" in capsys.readouterr().err
+
+
+def test_a_small_tokenizer_loads_here(tiny, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Starting a child costs more than a small tokenizer takes to load."""
+    monkeypatch.setattr(load_module, "CHILD_TOKENIZER_BYTES", 8 << 20)
+    loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
+    assert not isinstance(loaded.tokenizer, TokenizerProcess)
+    assert loaded.tokenizer.padding_side == "left"

@@ -108,9 +108,26 @@ def load_base(
     return LoadedModel(spec, kind, fingerprint, model, tokenizer, device, dtype)
 
 
+# A local tokenizer.json at least this large loads in a child process: Gemma 3's 33 MB
+# take ~2 s, while a child costs ~1 s of the other core to start (Python, transformers),
+# more than a small tokenizer takes to load here.
+CHILD_TOKENIZER_BYTES = 8 << 20
+
+
+def _worth_a_child(source: str) -> bool:
+    """A Hub model's files are not here yet: its tokenizer is taken to be large."""
+    local = Path(source)
+    if not local.is_dir():
+        return True
+    found = local / "tokenizer.json"
+    return found.is_file() and found.stat().st_size >= CHILD_TOKENIZER_BYTES
+
+
 def start_tokenizer(source: str, options: dict[str, Any]) -> TokenizerProcess | None:
-    """The tokenizer loading in a child process; None where none can start (it then loads
-    here, after the weights)."""
+    """The tokenizer loading in a child process where it is large; None where it is
+    small or no child can start (it then loads here, after the weights)."""
+    if not _worth_a_child(source):
+        return None
     try:
         return TokenizerProcess(source, options)
     except OSError as exc:
