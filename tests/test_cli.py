@@ -467,7 +467,7 @@ def test_full_models_are_judged_as_candidates_beside_adapters(
     err = capsys.readouterr().err
     assert err.count("generating parent") == 1
     # Each generation call ends with its progress line (prompts, tokens/s, time taken).
-    assert re.search(r"toxtests: parent: \d+/\d+ prompts, \d+ tokens/s, done in", err)
+    assert re.search(r"toxtests: parent \+ identity: \d+/\d+ prompts, \d+ tokens/s, done in", err)
     html = (tmp_path / "report.html").read_text()
     assert f"A full model ({merged}) judged against the parent" in html
 

@@ -52,21 +52,28 @@ def word_prompts(count: int, seed: int, prefix: str) -> list[Prompt]:
 
 class StateRecorder:
     """Every decode step's last state of every row, keyed by the row's own identity
-    (its prompt tokens and its first uniforms), across all the generate calls."""
+    (its prompt tokens, its first uniforms and, in a batch shared by several variants,
+    its variant), across all the generate calls."""
 
     def __init__(self, generator: Generator):
         self.states: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self.mixed_batches = 0  # batches holding rows of more than one variant
         batch_rows: list[tuple[Any, ...]] = []
         generate_batch, next_tokens = generator._generate_batch, generator._next_tokens
 
-        def recording_batch(sequences: list[list[int]], uniforms: list[Any]) -> Any:
+        def recording_batch(
+            sequences: list[list[int]], uniforms: list[Any], variants: Any = None
+        ) -> Any:
             batch_rows[:] = [
-                (tuple(s), tuple(float(x) for x in u[:4]))
-                for s, u in zip(sequences, uniforms, strict=True)
+                (tuple(s), tuple(float(x) for x in u[:4]), v)
+                for s, u, v in zip(
+                    sequences, uniforms, variants or [None] * len(sequences), strict=True
+                )
             ]
             for row in batch_rows:
                 self.states[row] = []
-            return generate_batch(sequences, uniforms)
+            self.mixed_batches += len({row[2] for row in batch_rows}) > 1
+            return generate_batch(sequences, uniforms, variants)
 
         def recording_tokens(last: torch.Tensor, uniforms: torch.Tensor, spread: Any = None) -> Any:
             rows = last if spread is None else last[spread]  # a shared prefill's one row
@@ -154,6 +161,92 @@ def _check_a_rows_states_do_not_depend_on_its_batch(tiny_model: Any, do_sample: 
     assert [row for p, row in zip(mixed, got, strict=True) if p.id.startswith("t")] == texts
     assert differing_rows(states, reference) == 0
     assert sum(bool(t) for row in texts for t in row) > 20
+
+
+def _lora_model(model: Any, **extra: Any) -> Any:
+    """A copy of `model` with two real, non-trivial LoRA adapters (PEFT's random B, not
+    zeros), one of them on the output layer too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    torch.manual_seed(7)
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    peft_model = get_peft_model(
+        fresh,
+        LoraConfig(r=4, target_modules=targets, init_lora_weights=False, **extra),
+        adapter_name="first",
+    )
+    second = LoraConfig(r=2, target_modules=[*targets, "lm_head"], init_lora_weights=False)
+    peft_model.add_adapter("second", second)
+    with torch.no_grad():  # large enough to change the sampled tokens of a tiny model
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(20.0)
+    return peft_model.eval()
+
+
+def _by_variant(recorder: StateRecorder, variant: str | None) -> dict[tuple[Any, ...], Any]:
+    """A one-variant run's states keyed as a shared run keys that variant's rows."""
+    return {(s, u, variant): states for (s, u, _), states in recorder.states.items()}
+
+
+def test_the_parent_and_adapters_sharing_batches_keep_every_rows_states(
+    tiny_model: Any,
+) -> None:
+    """`generate_together` puts the parent's and two adapters' rows in the same batches
+    (the adapters' LoRA layers routed row by row): every row's every decode state is bit
+    for bit the one its variant gives alone, and the variants' texts do differ, so a row
+    that took another variant's weights or shared another variant's prefill would show."""
+    model, tokenizer = tiny_model
+    peft_model = _lora_model(model)
+    prompts = word_prompts(20, seed=6, prefix="m")
+    settings = GenerationConfig(batch_size=16, max_new_tokens=8, samples=2)
+    jobs = [(prompts, None), (prompts, "first"), (prompts[:9], "second")]
+    alone: dict[tuple[Any, ...], Any] = {}
+    texts = []
+    for job_prompts, adapter in jobs:
+        generator = Generator(peft_model, tokenizer, settings, "cpu")
+        recorder = StateRecorder(generator)
+        texts.append([[g.text for g in row] for row in generator.generate(job_prompts, adapter)])
+        alone.update(_by_variant(recorder, adapter))
+    generator = Generator(peft_model, tokenizer, settings, "cpu")
+    shared = StateRecorder(generator)
+    together = generator.generate_together(jobs, labels=["parent", "first", "second"])
+    assert [[[g.text for g in row] for row in job] for job in together] == texts
+    assert shared.mixed_batches >= 2  # 98 rows in batches of 16: most hold two variants
+    assert len(shared.states) == len(alone)
+    different = 0
+    for row, states in shared.states.items():
+        mine = alone[row]
+        steps = min(len(mine), len(states))
+        assert steps > 0
+        different += any(
+            not torch.equal(a, b) for a, b in zip(mine[:steps], states[:steps], strict=True)
+        )
+    assert different == 0
+    changed = sum(a != b for a, b in zip(texts[0], texts[1], strict=True))
+    assert changed >= 5  # the adapter really changes the text
+
+
+def test_adapters_that_are_not_plain_lora_take_their_turn(tiny_model: Any) -> None:
+    """A DoRA adapter has no merged weight to route rows to: its rows get batches of
+    their own (the same texts as one call each), not the parent's weights."""
+    model, tokenizer = tiny_model
+    peft_model = _lora_model(model, use_dora=True)
+    prompts = word_prompts(12, seed=8, prefix="d")
+    settings = GenerationConfig(batch_size=16, max_new_tokens=6)
+    generator = Generator(peft_model, tokenizer, settings, "cpu")
+    assert not generator._can_mix([None, "first"])
+    assert generator._can_mix([None, "second"])  # plain LoRA beside it still mixes
+    texts = [
+        [[g.text for g in row] for row in generator.generate(prompts, a)] for a in (None, "first")
+    ]
+    recorder = StateRecorder(generator)
+    together = generator.generate_together([(prompts, None), (prompts, "first")])
+    assert [[[g.text for g in row] for row in job] for job in together] == texts
+    assert recorder.mixed_batches == 0
+    assert texts[0] != texts[1]
 
 
 def test_without_the_row_attention_the_states_do_depend_on_the_batch(

@@ -61,7 +61,7 @@ def test_gate_items_verdicts_and_one_report(pytester: pytest.Pytester, tiny, wor
     # Progress is visible either way: a worker's lines reach the run's stderr, tagged.
     if workers:
         assert any(
-            re.match(r"toxtests \[gw\d\]: parent: \d+/\d+ prompts, .*done in", line)
+            re.match(r"toxtests \[gw\d\]: parent( \+ \S+)*: \d+/\d+ prompts, .*done in", line)
             for line in result.stderr.lines
         ), result.stderr.lines[-20:]
     else:

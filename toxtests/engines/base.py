@@ -167,7 +167,10 @@ class Engine(Protocol):
     ) -> list[list[Generation]]:
         """Continuations indexed [prompt][sample], in the order of `prompts`.
 
-        One variant per call and never two variants in one batch. `on_prompt_done(index,
+        One variant per call and never two variants in one batch (an engine that can
+        share batches between variants with every row's own result offers
+        `generate_together(jobs, settings, on_prompt_done)` as well, for jobs of
+        (prompts, variant) and `on_prompt_done(job, index, samples)`). `on_prompt_done(index,
         samples)` is called in the caller's thread as soon as a prompt's samples are all
         done, so the caller can cache work as it goes (an interrupted run keeps it).
         Anything that is not a complete, well-formed continuation raises

@@ -235,9 +235,20 @@ class GateRun:
             )
         return self._memo[memo_key]
 
+    def _generate_together(self, adapter_index: int, shards: Sequence[Shard]) -> None:
+        """The parent's and an adapter's missing generations of these shards, shard by
+        shard, in one engine call each (their rows share batches where the engine can)."""
+        adapter = self.variant(adapter_index)
+        if adapter.kind == MODEL:
+            return
+        for shard in shards:
+            if not all((index, shard.name) in self._memo for index in (None, adapter_index)):
+                self.store.generate_together([self.parent, adapter], shard.prompts, shard.name)
+
     def _pooled(
         self, adapter_index: int, shards: Sequence[Shard]
     ) -> tuple[ShardScores, ShardScores]:
+        self._generate_together(adapter_index, shards)
         parent = ShardScores.concat([self.shard_scores(None, s) for s in shards])
         adapter = ShardScores.concat([self.shard_scores(adapter_index, s) for s in shards])
         return parent, adapter
@@ -304,6 +315,7 @@ class GateRun:
         that fails implies the adapter's gate fails too. With early stopping on, both run
         at the confidence the early looks leave to the verdict on all prompts.
         """
+        self._generate_together(adapter_index, [shard])
         parent = self.shard_scores(None, shard)
         adapter = self.shard_scores(adapter_index, shard)
         paired = self.paired(parent, adapter)
@@ -325,8 +337,8 @@ class GateRun:
         else:
             prompts = [p for shard in shards for p in shard.prompts]
             where = f"{len(shards)} shards in one pass"
-            self.store.prefetch(self.parent, prompts, where)
-            self.store.prefetch(self.adapters[adapter_index], prompts, where)
+            variants = [self.parent, self.adapters[adapter_index]]
+            self.store.prefetch_together(variants, prompts, where)
         self.pairing()  # while this process has the engine: the controller reads the cache
         parent, adapter = self._pooled(adapter_index, shards)
         paired = self.paired(parent, adapter)

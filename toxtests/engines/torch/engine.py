@@ -7,7 +7,8 @@ the same text by construction and the pairing needs no replay check.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -172,6 +173,32 @@ class TorchEngine:
         peft_name = None if variant.index is None else self.loaded.adapters[variant.index].peft_name
         return generator.generate(  # type: ignore[no-any-return]
             prompts, peft_name, on_prompt_done=on_prompt_done, label=variant.name
+        )
+
+    def generate_together(
+        self,
+        jobs: Sequence[tuple[Sequence[Prompt], Variant]],
+        settings: GenerationConfig,
+        on_prompt_done: Callable[[int, int, list[Generation]], None] | None = None,
+    ) -> list[list[list[Generation]]]:
+        """Several variants' continuations, [job][prompt][sample]: the parent's and the
+        adapters' rows share batches where every row keeps its own bits (`Generator.
+        generate_together`); a full candidate model goes one job at a time."""
+        if any(variant.kind == MODEL for _, variant in jobs):
+            results = []
+            for job, (prompts, variant) in enumerate(jobs):
+                done = None if on_prompt_done is None else functools.partial(on_prompt_done, job)
+                results.append(self.generate(prompts, variant, settings, done))
+            return results
+        generator = self.generator(settings)
+        adapters = self.loaded.adapters
+        return generator.generate_together(  # type: ignore[no-any-return]
+            [
+                (prompts, None if variant.index is None else adapters[variant.index].peft_name)
+                for prompts, variant in jobs
+            ],
+            on_prompt_done=on_prompt_done,
+            labels=[variant.name for _, variant in jobs],
         )
 
     def same_vocabulary(self, variant: Variant) -> bool:

@@ -244,18 +244,80 @@ class Generator:
         `on_prompt_done(index, samples)` is called as soon as a prompt's last sample is
         generated, so a caller can store work as it goes (an interrupted run keeps it).
         """
+        done = None
+        if on_prompt_done is not None:
+            done = lambda job, index, samples: on_prompt_done(index, samples)  # noqa: E731
+        return self._generate_jobs([(prompts, adapter)], done, [label], mixed=False)[0]
+
+    def generate_together(
+        self,
+        jobs: Sequence[tuple[Sequence[Prompt], str | None]],
+        on_prompt_done: Callable[[int, int, list[Generation]], None] | None = None,
+        labels: Sequence[str | None] | None = None,
+    ) -> list[list[list[Generation]]]:
+        """Continuations of several variants, [job][prompt][sample], for jobs of (prompts,
+        adapter or None for the parent); `on_prompt_done(job, index, samples)`.
+
+        Where `mixable` allows, rows of every job share the batches: a 128-prompt gate
+        decodes its parent and adapter rows 256 at a time instead of 128 twice, and each
+        decode step reads the weights (the output head's 671 MB on Gemma 3 270M) once for
+        both. Each row's text is the one `generate` gives it: its LoRA layers run on its
+        own variant's weight and nothing else mixes rows. Otherwise one job after another.
+        """
+        names = list(labels) if labels is not None else [None] * len(jobs)
+        if len(jobs) > 1 and self._can_mix([adapter for _, adapter in jobs]):
+            return self._generate_jobs(jobs, on_prompt_done, names, mixed=True)
+        results = []
+        for job, ((prompts, adapter), label) in enumerate(zip(jobs, names, strict=True)):
+            done = None if on_prompt_done is None else functools.partial(on_prompt_done, job)
+            results.append(self.generate(prompts, adapter, done, label))
+        return results
+
+    def _can_mix(self, adapters: list[str | None]) -> bool:
+        """Whether the parent's and these adapters' rows can share a batch with every
+        row's own bits: on the CPU with row-invariant arithmetic, and every adapter a
+        plain LoRA whose layers all have merged copies (`packed.mixable`)."""
+        if not (self.device.startswith("cpu") and self.row_attention):
+            return False
+        if not hasattr(self.model, "disable_adapter"):
+            return False
+        from toxtests.engines.torch.packed import merge_adapter_layers, mixable
+
+        named = sorted({adapter for adapter in adapters if adapter is not None})
+        for adapter in named:
+            merge_adapter_layers(self.model, adapter)
+        return mixable(self.model, named)
+
+    def _generate_jobs(
+        self,
+        jobs: Sequence[tuple[Sequence[Prompt], str | None]],
+        on_prompt_done: Callable[[int, int, list[Generation]], None] | None,
+        labels: Sequence[str | None],
+        mixed: bool,
+    ) -> list[list[list[Generation]]]:
+        """Every job's rows in length-sorted batches: one job (`mixed` False) under its
+        adapter context, or several routed row by row (`packed.routed_rows`)."""
         import torch
 
         settings = self.settings
-        encoded = encode_prompts(self.tokenizer, prompts, settings, context_length(self.model))
-        rows = [(i, j) for i in range(len(prompts)) for j in range(settings.samples)]
+        limit = context_length(self.model)
+        encoded = [encode_prompts(self.tokenizer, prompts, settings, limit) for prompts, _ in jobs]
+        rows = [
+            (job, i, j)
+            for job, (prompts, _) in enumerate(jobs)
+            for i in range(len(prompts))
+            for j in range(settings.samples)
+        ]
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
-        rows.sort(key=lambda row: (len(encoded[row[0]]), row))
-        results: list[list[Generation | None]] = [[None] * settings.samples for _ in prompts]
+        rows.sort(key=lambda row: (len(encoded[row[0]][row[1]]), row))
+        results: list[list[list[Generation | None]]] = [
+            [[None] * settings.samples for _ in prompts] for prompts, _ in jobs
+        ]
+        context = nullcontext() if mixed else self._adapter_context(jobs[0][1])
         with (
             torch.inference_mode(),
             retained_memory(),
-            self._adapter_context(adapter),
+            context,
             self._attention(),
             quiet_library_warnings(),
         ):
@@ -263,37 +325,44 @@ class Generator:
                 batch = rows[start:end]
                 try:
                     texts, counts = self._generate_batch(
-                        [encoded[i] for i, _ in batch],
+                        [encoded[job][i] for job, i, _ in batch],
                         [
                             sample_uniforms(
-                                settings.seed, prompts[i].id, j, settings.max_new_tokens
+                                settings.seed, jobs[job][0][i].id, j, settings.max_new_tokens
                             )
-                            for i, j in batch
+                            for job, i, j in batch
                         ],
+                        [jobs[job][1] for job, _, _ in batch] if mixed else None,
                     )
                 except NonFiniteLogits as fault:
-                    ids = [prompts[batch[row][0]].id for row in fault.rows]
-                    raise non_finite_error(ids, fault.step, label or adapter) from None
-                for (i, j), text, count in zip(batch, texts, counts, strict=True):
-                    results[i][j] = Generation(prompts[i].id, j, text, count)
-                    row = results[i]
+                    job = batch[fault.rows[0]][0]
+                    ids = [jobs[job][0][batch[r][1]].id for r in fault.rows if batch[r][0] == job]
+                    raise non_finite_error(ids, fault.step, labels[job] or jobs[job][1]) from None
+                for (job, i, j), text, count in zip(batch, texts, counts, strict=True):
+                    results[job][i][j] = Generation(jobs[job][0][i].id, j, text, count)
+                    row = results[job][i]
                     if on_prompt_done and all(g is not None for g in row):
-                        on_prompt_done(i, [g for g in row if g is not None])
+                        on_prompt_done(job, i, [g for g in row if g is not None])
         if self.fused is not None:
             self.fused[1].release()
-        return [[g for g in row if g is not None] for row in results]
+        return [[[g for g in row if g is not None] for row in job] for job in results]
 
     def _generate_batch(
-        self, sequences: list[list[int]], uniforms: list[np.ndarray]
+        self,
+        sequences: list[list[int]],
+        uniforms: list[np.ndarray],
+        variants: list[str | None] | None = None,
     ) -> tuple[list[str], list[int]]:
-        """Generate for rows sorted by prompt length (as `generate` hands them over)."""
+        """Generate for rows sorted by prompt length (as `generate` hands them over);
+        with `variants`, each row under its own (adapter name, None for the parent)."""
         import torch
 
         settings = self.settings
         pad_id = self.tokenizer.pad_token_id
         draws = torch.tensor(np.stack(uniforms), dtype=torch.float32, device=self.device)
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
-        last, cache, attention, positions, shared = self._prefill(sequences)
+        last, cache, attention, positions, shared = self._prefill(sequences, variants)
+        routes = self._routes(variants)
         layout = self._layout(sequences, attention.shape[1])
         finished = torch.zeros(len(sequences), dtype=torch.bool, device=self.device)
         generated: list[torch.Tensor] = []
@@ -309,6 +378,7 @@ class Generator:
                     position_ids=positions,
                     **{cache_keyword(): cache},
                     layout=layout,
+                    routes=routes,
                 )
             spread = shared if step == 0 else None
             check_finite(last if spread is None else last[spread], step)
@@ -338,7 +408,9 @@ class Generator:
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
-    def _prefill(self, sequences: list[list[int]]) -> tuple[Any, Any, Any, Any, Any]:
+    def _prefill(
+        self, sequences: list[list[int]], variants: list[str | None] | None = None
+    ) -> tuple[Any, Any, Any, Any, Any]:
         """The last prompt position's state, the KV cache, the attention mask and that
         position's index, for rows sorted by length; prefilled group by group where the
         caches can be joined (`toxtests.engines.torch.prefill`). The state comes one row
@@ -360,9 +432,11 @@ class Generator:
             sample_runs,
         )
 
-        unique, repeats = sample_runs(sequences)
+        unique, repeats = sample_runs(sequences, variants)
         if len(unique) == len(sequences) or not self.share_prefill:
             unique, repeats = sequences, [1] * len(sequences)
+        firsts = np.cumsum([0, *repeats[:-1]])
+        unique_variants = None if variants is None else [variants[row] for row in firsts]
         groups = plan_groups([len(s) for s in unique], self.prefill_overhead)
         lasts, caches, masks = [], [], []
         for start, end in groups:
@@ -372,6 +446,7 @@ class Generator:
                 attention_mask=attention,
                 position_ids=positions,
                 layout=self._layout(unique[start:end], attention.shape[1]),
+                routes=self._routes(unique_variants and unique_variants[start:end]),
             )
             if len(groups) > 1 and not joinable(cache):
                 break  # not a cache this can join: one rectangle instead
@@ -394,6 +469,7 @@ class Generator:
                 attention_mask=attention,
                 position_ids=positions,
                 layout=self._layout(sequences, attention.shape[1]),
+                routes=self._routes(variants),
             )
             if joinable(cache):  # one group: its cache, with room for the decode steps
                 cache = join_caches([cache], [attention.shape[1]], room) or cache
@@ -409,14 +485,37 @@ class Generator:
             return None
         return RowLayout.left_padded([len(s) for s in sequences], width)
 
-    def _forward(self, layout: RowLayout | None = None, **inputs: Any) -> tuple[Any, Any]:
-        """The last position's hidden state (fused head) or logits, and the KV cache."""
+    def _routes(self, variants: list[str | None] | None) -> list[tuple[Any, str | None]] | None:
+        """(row index, variant) for each variant among `variants` (None: no routing)."""
+        if not variants:
+            return None
+        import torch
+
+        rows: dict[str | None, list[int]] = {}
+        for row, variant in enumerate(variants):
+            rows.setdefault(variant, []).append(row)
+        return [(torch.tensor(index, device=self.device), v) for v, index in rows.items()]
+
+    def _forward(
+        self,
+        layout: RowLayout | None = None,
+        routes: list[tuple[Any, str | None]] | None = None,
+        **inputs: Any,
+    ) -> tuple[Any, Any]:
+        """The last position's hidden state (fused head) or logits, and the KV cache;
+        with `routes`, each row's LoRA layers run on its own variant's weight."""
         if layout is not None:
             inputs[LAYOUT_KEYWORD] = layout
-        if self.fused is None:
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1, :], getattr(out, cache_keyword())
-        out = self.fused[0](**inputs, use_cache=True)
+        routing: Any = nullcontext()
+        if routes is not None:
+            from toxtests.engines.torch.packed import routed_rows
+
+            routing = routed_rows(routes)
+        with routing:
+            if self.fused is None:
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1, :], getattr(out, cache_keyword())
+            out = self.fused[0](**inputs, use_cache=True)
         return out.last_hidden_state[:, -1, :], getattr(out, cache_keyword())
 
     def _next_tokens(self, last: Any, uniforms: Any, spread: Any = None) -> Any:

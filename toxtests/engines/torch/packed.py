@@ -16,6 +16,9 @@ ops (or without oneDNN) simply keeps the ordinary path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -317,6 +320,79 @@ def _sole(module: Any, adapter: str) -> bool:
     )
 
 
+# Rows of one forward pass that run under different variants: (row index, adapter
+# name or None for the parent) pairs, set by `routed_rows` around the pass.
+_ROUTES: ContextVar[Sequence[tuple[torch.Tensor, str | None]] | None] = ContextVar(
+    "toxtests_routes", default=None
+)
+
+
+@contextmanager
+def routed_rows(routes: Sequence[tuple[torch.Tensor, str | None]] | None) -> Iterator[None]:
+    """Within this block, each merged LoRA layer computes the rows `routes` gives each
+    variant with that variant's own weight: the parent's `W` (None) or an adapter's
+    merged `W + scaling * B @ A`. One pass then serves the parent and adapters at once;
+    every row gets the bits a pass of its variant alone would give, wherever a packed
+    product's rows do not depend on their batch-mates. Only for models `mixable` says
+    yes to; None routes nothing."""
+    token = _ROUTES.set(routes)
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def mixable(model: torch.nn.Module, adapters: Sequence[str]) -> bool:
+    """Whether rows of the parent and of `adapters` can share a forward pass of `model`:
+    every module an adapter touches is a LoRA layer with a usable merged copy for it
+    (`merge_adapter_layers`), so routing rows between `W` and the merged weights is the
+    whole difference between the variants. DoRA, trained `modules_to_save`, LoRA on
+    embeddings, a merged copy refused on its probe, ... keep one variant a pass."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return False
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+            return False
+        merged = getattr(module, MERGED_ATTRIBUTE, None)
+        for adapter in adapters:
+            if adapter not in module.lora_A:
+                continue
+            entry = merged.get(adapter) if merged is not None else None
+            if entry is None or entry[0] is None or entry[1] != _lora_state(module, adapter):
+                return False
+            if module.lora_dropout[adapter].training:
+                return False
+    return True
+
+
+def _routed(module: Any, merged: dict[str, Any], inputs: torch.Tensor, routes: Any) -> Any:
+    """Each route's rows through its variant's weight, put back in their places."""
+    base = module.base_layer
+
+    def product(rows: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        if adapter is None or adapter not in merged:  # PEFT's forward without a LoRA here
+            return base(rows)  # type: ignore[no-any-return]
+        return linear(rows, merged[adapter][0], base.bias)
+
+    if len(routes) == 1:
+        return product(inputs, routes[0][1])
+    out: torch.Tensor | None = None
+    for rows, adapter in routes:
+        part = product(inputs.index_select(0, rows), adapter)
+        if out is None:
+            out = part.new_empty((inputs.shape[0], *part.shape[1:]))
+        out.index_copy_(0, rows, part)
+    return out
+
+
 def _merged_forward(module: Any, merged: dict[str, Any]) -> Any:
     original = type(module).forward
 
@@ -329,6 +405,9 @@ def _merged_forward(module: Any, merged: dict[str, Any]) -> Any:
             or inputs.device.type != "cpu"
         ):
             return original(module, inputs, *args, **kwargs)
+        routes = _ROUTES.get()
+        if routes is not None:
+            return _routed(module, merged, inputs, routes)
         active = module.active_adapters
         entry = merged.get(active[0]) if len(active) == 1 else None
         if (

@@ -18,6 +18,7 @@ is joined; anything else (another cache class, a sliding window already full) ma
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 # A forward pass costs about as much fixed time as this many padded positions; it
@@ -45,13 +46,17 @@ def plan_groups(lengths: list[int], overhead: int = FORWARD_OVERHEAD) -> list[tu
     return groups[::-1]
 
 
-def sample_runs(sequences: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+def sample_runs(
+    sequences: list[list[int]], variants: Sequence[object] | None = None
+) -> tuple[list[list[int]], list[int]]:
     """Consecutive rows with the same tokens (a prompt's samples) as (one row of each
-    run, the run lengths)."""
+    run, the run lengths). With `variants` (each row's model variant), a run also keeps
+    to one variant: the parent's and an adapter's rows of one prompt are not one prefill."""
     unique: list[list[int]] = []
     repeats: list[int] = []
-    for sequence in sequences:
-        if unique and (sequence is unique[-1] or sequence == unique[-1]):
+    for row, sequence in enumerate(sequences):
+        same_variant = variants is None or variants[row] == variants[row - 1]
+        if unique and same_variant and (sequence is unique[-1] or sequence == unique[-1]):
             repeats[-1] += 1
         else:
             unique.append(sequence)
