@@ -3,13 +3,15 @@
     python bench/bench_gate.py            # default: Gemma 3 270M, 900 challenging prompts
     python bench/bench_gate.py --quick    # 64 prompts, a couple of minutes
     python bench/bench_gate.py --small-only   # 128 prompts end to end vs the plain script
+    python bench/bench_gate.py --together-only  # parent + adapter sharing batches or not
 
 Measures, in one run on the same model, prompts and settings (20 new tokens, top-p 0.9,
 one sample per prompt): the baseline (`model.generate` in batches, then the same
 scorer); the machine's ceiling (measured matmul throughput / the model's FLOPs per
 generated token); toxtests' first gate (parent + one adapter), a second adapter against
 the same parent, and an identical re-run; peak memory; wall time by phase; the fixed
-costs (everything but generation) on their own line; the k = 25 samples workload; and a
+costs (everything but generation) on their own line; the k = 25 samples workload; the
+parent and an adapter sharing batches against one after the other (128 prompts); and a
 small CI-sized gate (128 prompts) end to end as processes against `plain_gate.py`, the
 script a user would write. The first line names the machine: compare figures only
 within one run.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO.parent / "shared" / "data" / "rtp" / "toxic.jsonl"
+ADAPTERS = REPO / "toxtests" / "data" / "adapters"
 
 
 def measured_matmul_gflops(hidden: int, vocab: int, batch: int) -> dict[str, float]:
@@ -252,6 +255,42 @@ def shared_prefill(prompts: list, new_tokens: int, samples: int, repeats: int = 
     }
 
 
+def together_cost(prompts: list, new_tokens: int, repeats: int = 3) -> dict:  # noqa: ANN001
+    """A gate's two generations (parent and the toxic demo adapter, one sample) with their
+    rows sharing batches, and one after the other, alternated `repeats` times on one loaded
+    model (the best of each); the texts must be the same."""
+    from toxtests.config import GenerationConfig
+    from toxtests.engines.torch import loop
+    from toxtests.engines.torch.load import attach_adapters, load_base
+
+    loaded = attach_adapters(load_base("gemma3-270m"), [str(ADAPTERS / "toxic")])
+    adapter = loaded.adapters[0].peft_name
+    settings = GenerationConfig(max_new_tokens=new_tokens, top_p=0.9)
+    generator = loop.Generator(loaded.model, loaded.tokenizer, settings, loaded.device)
+    generator.generate_together([(prompts[:2], None), (prompts[:2], adapter)])  # warm
+    best = {"together": 0.0, "separate": 0.0}
+    texts: dict[str, list] = {}
+    for _ in range(repeats):
+        for path in best:
+            started = time.perf_counter()
+            if path == "together":
+                jobs = generator.generate_together([(prompts, None), (prompts, adapter)])
+            else:
+                jobs = [generator.generate(prompts, None), generator.generate(prompts, adapter)]
+            seconds = time.perf_counter() - started
+            tokens = sum(g.tokens for job in jobs for row in job for g in row)
+            best[path] = max(best[path], tokens / seconds)
+            texts[path] = [g.text for job in jobs for row in job for g in row]
+    return {
+        "together_tokens_per_s": best["together"],
+        "separate_tokens_per_s": best["separate"],
+        "speedup": best["together"] / best["separate"],
+        "same_texts": texts["together"] == texts["separate"],
+        "mixed": generator._can_mix([None, adapter]),
+        "texts": len(texts["together"]),
+    }
+
+
 def machine() -> str:
     """The CPU, its vector extensions and the threads torch uses: figures compare only
     within one machine."""
@@ -419,6 +458,21 @@ def report_samples(prompts: list, args: argparse.Namespace, figures: dict) -> No
     )
 
 
+def report_together(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
+    from toxtests.shards import stratified_subset
+
+    chosen = stratified_subset(prompts, args.small_prompts)
+    together = together_cost(chosen, args.new_tokens)
+    figures["together"] = together
+    print(
+        f"parent + adapter on {len(chosen)} prompts (best of 3, alternated): rows sharing "
+        f"batches {together['together_tokens_per_s']:.1f} tokens/s, one variant after the "
+        f"other {together['separate_tokens_per_s']:.1f} tokens/s = {together['speedup']:.2f}x; "
+        + ("texts identical" if together["same_texts"] else "texts DIFFER")
+        + ("" if together["mixed"] else " (NOT MIXED: the adapter cannot share batches)")
+    )
+
+
 def report_invariance(prompts: list, args: argparse.Namespace, figures: dict) -> None:  # noqa: ANN001
     invariance = invariance_cost(prompts[: args.invariance_prompts], args.new_tokens)
     figures["invariance"] = invariance
@@ -464,6 +518,11 @@ def main() -> None:
     )
     parser.add_argument("--small-prompts", type=int, default=128)
     parser.add_argument(
+        "--together-only",
+        action="store_true",
+        help="measure only the parent and an adapter sharing batches against one by one",
+    )
+    parser.add_argument(
         "--head-only",
         action="store_true",
         help="measure only the output head's throughput at 128 and 256 rows",
@@ -501,6 +560,9 @@ def main() -> None:
         return
     if args.samples_only:
         report_samples(prompts, args, {})
+        return
+    if args.together_only:
+        report_together(prompt_set.prompts, args, {})
         return
 
     loaded = load_base("gemma3-270m")  # converts once into the user cache
@@ -620,6 +682,7 @@ def main() -> None:
     runs.append(early)
     report_invariance(prompts, args, figures)
     report_samples(prompts, args, figures)
+    report_together(prompt_set.prompts, args, figures)
     report_small(prompt_set.prompts, args, model_dir, figures)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (RSS): {peak:.0f} MiB")

@@ -252,6 +252,25 @@ def test_balanced_batches_cover_the_rows_in_as_few_even_batches(count: int, larg
     assert not sizes or max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize(
+    ("job_rows", "largest", "pays"),
+    [
+        ([128, 128], 256, True),  # one batch of 256 instead of two of 128
+        ([100, 100], 256, True),  # an early-stopping look's shard of 100 prompts
+        ([900, 900], 256, False),  # 8 batches of 225 either way
+        ([150, 150], 256, False),  # 2 batches of 150 either way
+        ([128, 0], 256, False),  # one variant: nothing to share
+        ([40, 40, 18], 16, True),  # 7 batches instead of 3 + 3 + 2
+    ],
+)
+def test_variants_share_batches_only_where_that_makes_them_wider(
+    job_rows: list[int], largest: int, pays: bool
+) -> None:
+    from toxtests.engines.torch.loop import mixing_pays
+
+    assert mixing_pays(job_rows, largest) is pays
+
+
 def test_cpu_batch_size_follows_the_free_memory(monkeypatch) -> None:  # noqa: ANN001
     """How much memory is free cannot be changed here, so `available_memory` is replaced."""
     from types import SimpleNamespace

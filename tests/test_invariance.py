@@ -234,7 +234,7 @@ def test_adapters_that_are_not_plain_lora_take_their_turn(tiny_model: Any) -> No
     their own (the same texts as one call each), not the parent's weights."""
     model, tokenizer = tiny_model
     peft_model = _lora_model(model, use_dora=True)
-    prompts = word_prompts(12, seed=8, prefix="d")
+    prompts = word_prompts(8, seed=8, prefix="d")  # 16 rows: one batch, were they mixed
     settings = GenerationConfig(batch_size=16, max_new_tokens=6)
     generator = Generator(peft_model, tokenizer, settings, "cpu")
     assert not generator._can_mix([None, "first"])
