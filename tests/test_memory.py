@@ -95,24 +95,25 @@ def test_blocks_larger_than_the_top_pad_are_kept_too() -> None:
 def test_a_gate_keeps_one_heap_across_its_generation_calls(
     tiny, tmp_path, monkeypatch: pytest.MonkeyPatch, early_stopping: bool
 ) -> None:  # noqa: ANN001
-    """Every generation call of the torch engine (parent and adapter, shard after shard)
-    runs inside the engine's `retained_memory`, so none faults its memory in afresh."""
+    """Every generation call of the torch engine (parent and adapter together, then a
+    second adapter; shard after shard) runs inside the engine's `retained_memory`, so
+    none faults its memory in afresh."""
     from toxtests.engines.torch import memory
     from toxtests.engines.torch.loop import Generator
     from toxtests.options import RunOptions
     from toxtests.run import GateRun
 
     depths: list[int] = []  # a spy: the allocator state each generation call finds
-    real_generate = Generator.generate
+    real_generate = Generator._generate_jobs  # behind generate and generate_together
     monkeypatch.setattr(
         Generator,
-        "generate",
+        "_generate_jobs",
         lambda self, *a, **k: depths.append(memory._depth) or real_generate(self, *a, **k),
     )
     session = GateRun(
         RunOptions(
             model=str(tiny.base),
-            adapters=[str(tiny.toxic)],
+            adapters=[str(tiny.toxic), str(tiny.identity)],
             prompts=str(tiny.prompts),
             thresholds=str(tiny.thresholds),
             cache_dir=str(tmp_path / "cache"),
@@ -120,6 +121,7 @@ def test_a_gate_keeps_one_heap_across_its_generation_calls(
         )
     )
     session.adapter_result(0)
+    session.adapter_result(1)
     assert len(depths) >= 2 and all(depth >= 1 for depth in depths)
     session.close()
     assert memory._depth == 0  # handed back when the engine closes

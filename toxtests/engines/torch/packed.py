@@ -351,11 +351,14 @@ def mixable(model: torch.nn.Module, adapters: Sequence[str]) -> bool:
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
+        from peft.utils import other
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
+    # Trained copies of whole modules (`modules_to_save`, trainable tokens): the wrapper's
+    # base class from PEFT 0.15, only `ModulesToSaveWrapper` before.
+    wrappers = getattr(other, "AuxiliaryTrainingWrapper", other.ModulesToSaveWrapper)
     for module in model.modules():
-        if isinstance(module, AuxiliaryTrainingWrapper):
+        if isinstance(module, wrappers):
             return False
         if not isinstance(module, BaseTunerLayer):
             continue
