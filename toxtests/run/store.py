@@ -200,7 +200,7 @@ class GenerationStore:
                 missing = [i for i, g in enumerate(generations) if g is None]
                 if missing:
                     self.progress(f"generating {variant.name} on {lock} ({len(missing)} prompts)")
-                    self._generate_missing(variant, prompts, keys, generations, missing)
+                    self._generate_jobs(prompts, [_Job(variant, keys, generations, missing)])
         texts = [[sample["text"] for sample in entry["samples"]] for entry in generations]
         return ShardScores(
             prompt_ids=[p.id for p in prompts], texts=texts, scores=self._scores(keys, texts)
@@ -278,17 +278,6 @@ class GenerationStore:
                     jobs.append(_Job(variant, keys, generations, missing))
             if jobs:
                 self._generate_jobs(prompts, jobs)
-
-    def _generate_missing(
-        self,
-        variant: Variant,
-        prompts: Sequence[Prompt],
-        keys: list[str],
-        generations: list[Any],
-        missing: list[int],
-    ) -> None:
-        """Generate the missing prompts in one call, caching each as soon as it is done."""
-        self._generate_jobs(prompts, [_Job(variant, keys, generations, missing)])
 
     def _generate_jobs(self, prompts: Sequence[Prompt], jobs: list[_Job]) -> None:
         """Each job's missing prompts, in one engine call where the engine generates
