@@ -3,6 +3,9 @@ batch, at any padding, on any number of threads."""
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,11 +13,102 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toxtests.engines.torch import native_attention
+from toxtests.engines.torch import native, native_attention
 
 pytestmark = pytest.mark.skipif(
     native_attention.load() is None, reason="no C compiler: the kernel cannot be built"
 )
+
+
+REFERENCE = Path(__file__).with_name("data") / "decode_attention_reference.c"
+
+
+@pytest.fixture(scope="module")
+def reference_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The kernel as first written (`tests/data/decode_attention_reference.c`), built with
+    the flags the current one is loaded with: the generation cache's `c-attention`
+    entries were made with it, so the current kernel must give its bits exactly."""
+    cc = native.compiler()
+    assert cc is not None  # the module is skipped without one
+    built = None
+    for flags in (native_attention.FLAGS, native_attention.PORTABLE_FLAGS):
+        try:
+            built = native.build(tmp_path_factory.mktemp("reference"), cc, REFERENCE, flags)
+            break
+        except RuntimeError:
+            continue
+    assert built is not None
+    library = ctypes.CDLL(str(built))
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.decode_attention.restype = ctypes.c_int
+    library.decode_attention.argtypes = [
+        pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
+        pointer, pointer, ctypes.c_float, i64, i64,
+    ]  # fmt: skip
+    return library
+
+
+def _with_kernel(library: ctypes.CDLL, *args: object, **kwargs: object) -> torch.Tensor:
+    current = native_attention.load()
+    native_attention._library = library
+    try:
+        return native_attention.decode_attention(*args, **kwargs)  # type: ignore[arg-type]
+    finally:
+        native_attention._library = current
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    groups=st.sampled_from([1, 3, 4, 5, 8, 9]),
+    dim=st.sampled_from([7, 16, 33, 64, 256]),
+    value_dim=st.sampled_from([None, 5, 48, 80]),
+    extra=st.integers(0, 9),
+    spread=st.sampled_from([0.1, 1.0, 30.0]),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kernel_gives_the_bits_of_the_one_the_cache_was_written_with(
+    reference_kernel: ctypes.CDLL,
+    lengths: list[int],
+    kv_heads: int,
+    groups: int,
+    dim: int,
+    value_dim: int | None,
+    extra: int,
+    spread: float,
+    threads: int,
+    seed: int,
+) -> None:
+    """Every shape the side-by-side paths split differently: fewer positions than a block
+    and block remainders, head counts below, at and past a group of four, head and value
+    sizes with a tail past the last full lane block, large scores (exp near its range)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads = len(lengths), kv_heads * groups
+    width = max(lengths) + extra
+    query = torch.randn(rows, heads, 1, dim, generator=generator) * spread
+    key = torch.randn(rows, kv_heads, width, dim, generator=generator)
+    value = torch.randn(rows, kv_heads, width, value_dim or dim, generator=generator)
+    first = np.array([width - n for n in lengths])
+    first[0] = width  # a row with no key at all
+    got = native_attention.decode_attention(query, key, value, first, 0.3, threads=threads)
+    expected = _with_kernel(reference_kernel, query, key, value, first, 0.3, threads=1)
+    assert torch.equal(got, expected)
+
+
+def test_a_mutated_kernel_is_told_apart(reference_kernel: ctypes.CDLL) -> None:
+    """The comparison above can fail: the same attention with its scale rounded the
+    other way differs from the reference in the last bits."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(3, 4, 1, 64, generator=generator)
+    key = torch.randn(3, 1, 20, 64, generator=generator)
+    value = torch.randn(3, 1, 20, 64, generator=generator)
+    first = np.array([0, 3, 7])
+    got = native_attention.decode_attention(query, key, value, first, 0.3)
+    nudged = float(np.nextafter(np.float32(0.3), np.float32(1.0)))
+    other = _with_kernel(reference_kernel, query, key, value, first, nudged)
+    assert not torch.equal(got, other)
 
 
 def _alone(query, key, value, first, scale):  # noqa: ANN001, ANN202

@@ -7,23 +7,132 @@
  * after the other), so its bits do not depend on the batch, the padding before it, the
  * batch width or the thread that runs it. Built and loaded by toxtests/engines/torch/
  * native.py; the caller splits pairs across threads.
+ *
+ * Every number is computed by the same operations in the same order as the first
+ * version of this kernel (tests/data/decode_attention_reference.c, the one the
+ * generation cache's entries were written with); only independent sums now run side by
+ * side: POSITIONS dot products at once (one alone is a chain of dependent additions,
+ * which left the CPU waiting), and the weighted sums of all query heads of a key-value
+ * head in one pass over its values. With -ffp-contract=off and no fast-math the compiler
+ * may not reorder or fuse any of them, so the bits are the same.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define LANES 16
+#define POSITIONS 8 /* key positions scored side by side */
+#define GROUPS 4    /* query heads summed side by side */
+#define BLOCKS 2    /* blocks of LANES value columns summed side by side */
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc[LANES] = {0};
+/* LANES floats as one value (GCC and clang vector extensions): elementwise IEEE
+ * arithmetic, whatever registers the compiler maps it to. */
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline lanes_t load(const float *p) {
+    lanes_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+#if defined(__clang__)
+#define HALVES(v, h)                                                                        \
+    __builtin_shufflevector(v, v, h, h + 1, h + 2, h + 3, h + 4, h + 5, h + 6, h + 7, 8, 9, \
+                            10, 11, 12, 13, 14, 15)
+#else
+typedef int32_t lane_index_t __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define HALVES(v, h)                                                                 \
+    __builtin_shuffle(v, (lane_index_t){h, h + 1, h + 2, h + 3, h + 4, h + 5, h + 6, \
+                                        h + 7, 8, 9, 10, 11, 12, 13, 14, 15})
+#endif
+
+/* The lanes' sum in a fixed pairwise order, the tail's products (tail < LANES) first
+ * added into lanes 0..tail: lane l += lane l + width for l < width, width 8, 4, 2, 1
+ * (with vector shuffles: the other lanes' sums are never read). */
+static inline float lane_sum(lanes_t v, const float *tail_a, const float *tail_b,
+                             int64_t tail) {
+    if (tail) {
+        float lanes[LANES];
+        memcpy(lanes, &v, sizeof lanes);
+        for (int64_t l = 0; l < tail; l++) lanes[l] += tail_a[l] * tail_b[l];
+        memcpy(&v, lanes, sizeof lanes);
+    }
+    v += HALVES(v, 8);
+    v += HALVES(v, 4);
+    v += HALVES(v, 2);
+    v += HALVES(v, 1);
+    return v[0];
+}
+
+/* The dot product in LANES lanes: lane l sums a[j] * b[j] for j = l mod LANES in
+ * order, the last n mod LANES products into lanes 0.. after the others. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    lanes_t acc = {0};
     int64_t j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[j + l] * b[j + l];
-    for (int64_t l = 0; j < n; j++, l++) acc[l] += a[j] * b[j];
-    /* A fixed pairwise sum of the lanes. */
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) acc[l] += acc[l + width];
-    return acc[0];
+    for (; j + LANES <= n; j += LANES) acc += load(a + j) * load(b + j);
+    return lane_sum(acc, a + j, b + j, n - j);
+}
+
+/* out[p] = dot(a, keys + p * stride, n) for the POSITIONS positions p, side by side. */
+static inline void dots(const float *a, const float *keys, int64_t stride, int64_t n,
+                        float *out) {
+    lanes_t acc[POSITIONS];
+    for (int p = 0; p < POSITIONS; p++) acc[p] = (lanes_t){0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        lanes_t x = load(a + j);
+        for (int p = 0; p < POSITIONS; p++) acc[p] += x * load(keys + p * stride + j);
+    }
+    for (int p = 0; p < POSITIONS; p++)
+        out[p] = lane_sum(acc[p], a + j, keys + p * stride + j, n - j);
+}
+
+/* dots(...) for GROUPS queries at once over SHARED positions: out[g * length + p] =
+ * dot(queries + g * dim, keys + p * stride, n); each key row is read once for all the
+ * queries of its key-value head instead of once a query. */
+#define SHARED 4
+static inline void grouped_dots(const float *queries, int64_t dim, const float *keys,
+                                int64_t stride, int64_t n, float *out, int64_t length) {
+    lanes_t acc[GROUPS][SHARED];
+    for (int g = 0; g < GROUPS; g++)
+        for (int p = 0; p < SHARED; p++) acc[g][p] = (lanes_t){0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        lanes_t k[SHARED];
+        for (int p = 0; p < SHARED; p++) k[p] = load(keys + p * stride + j);
+        for (int g = 0; g < GROUPS; g++) {
+            lanes_t q = load(queries + g * dim + j);
+            for (int p = 0; p < SHARED; p++) acc[g][p] += q * k[p];
+        }
+    }
+    for (int g = 0; g < GROUPS; g++)
+        for (int p = 0; p < SHARED; p++)
+            out[g * length + p] =
+                lane_sum(acc[g][p], queries + g * dim + j, keys + p * stride + j, n - j);
+}
+
+/* For heads [0, count) (count 1 or GROUPS): out[g][c] = sum over positions t in order
+ * of weights[g][t] * values[t][c], for the columns [c0, c0 + BLOCKS * LANES). */
+static inline void weighted_block(const float *scores, int64_t length, int64_t count,
+                                  const float *values, int64_t stride, int64_t from,
+                                  int64_t c0, lanes_t sums[GROUPS][BLOCKS]) {
+    for (int g = 0; g < GROUPS; g++)
+        for (int b = 0; b < BLOCKS; b++) sums[g][b] = (lanes_t){0};
+    for (int64_t t = from; t < length; t++) {
+        const float *v = values + t * stride + c0;
+        lanes_t row[BLOCKS];
+        for (int b = 0; b < BLOCKS; b++) row[b] = load(v + b * LANES);
+        if (count == GROUPS) {
+            for (int g = 0; g < GROUPS; g++) {
+                float w = scores[g * length + t];
+                for (int b = 0; b < BLOCKS; b++) sums[g][b] += w * row[b];
+            }
+        } else {
+            float w = scores[t];
+            for (int b = 0; b < BLOCKS; b++) sums[0][b] += w * row[b];
+        }
+    }
 }
 
 /* query: (rows, heads, dim) contiguous; key, value: (rows, kv_heads, positions, dim)
@@ -38,10 +147,10 @@ int decode_attention(const float *query, const float *key, const float *value, f
                      int64_t pair_to) {
     int64_t groups = heads / kv_heads;
     float *scores = malloc(sizeof(float) * (size_t)(length > 0 ? length : 1) * (size_t)groups);
-    float *sums = malloc(sizeof(float) * (size_t)value_dim);
-    if (!scores || !sums) {
+    float *totals = malloc(sizeof(float) * (size_t)(groups > 0 ? groups : 1));
+    if (!scores || !totals) {
         free(scores);
-        free(sums);
+        free(totals);
         return 1;
     }
     for (int64_t pair = pair_from; pair < pair_to; pair++) {
@@ -49,35 +158,68 @@ int decode_attention(const float *query, const float *key, const float *value, f
         int64_t from = first[row];
         const float *keys = key + row * key_strides[0] + kv * key_strides[1];
         const float *values = value + row * value_strides[0] + kv * value_strides[1];
+        int64_t scored = 0; /* query heads whose scores are in */
+        int64_t t = from;
+        for (; scored + GROUPS <= groups; scored += GROUPS) {
+            const float *q = query + (row * heads + kv * groups + scored) * dim;
+            for (t = from; t + SHARED <= length; t += SHARED)
+                grouped_dots(q, dim, keys + t * key_strides[2], key_strides[2], dim,
+                             scores + scored * length + t, length);
+            for (int64_t g = 0; g < GROUPS; g++)
+                for (int64_t u = t; u < length; u++)
+                    scores[(scored + g) * length + u] =
+                        dot(q + g * dim, keys + u * key_strides[2], dim);
+        }
         for (int64_t g = 0; g < groups; g++) {
-            int64_t head = kv * groups + g;
-            const float *q = query + (row * heads + head) * dim;
+            const float *q = query + (row * heads + kv * groups + g) * dim;
             float *s = scores + g * length;
+            if (g >= scored) {
+                for (t = from; t + POSITIONS <= length; t += POSITIONS)
+                    dots(q, keys + t * key_strides[2], key_strides[2], dim, s + t);
+                for (; t < length; t++) s[t] = dot(q, keys + t * key_strides[2], dim);
+            }
             float top = -INFINITY;
-            for (int64_t t = from; t < length; t++) {
-                s[t] = dot(q, keys + t * key_strides[2], dim) * scale;
+            for (t = from; t < length; t++) {
+                s[t] = s[t] * scale;
                 if (s[t] > top) top = s[t];
             }
             float total = 0.0f;
-            for (int64_t t = from; t < length; t++) {
+            for (t = from; t < length; t++) {
                 s[t] = expf(s[t] - top);
                 total += s[t];
             }
-            for (int64_t c = 0; c < value_dim; c++) sums[c] = 0.0f;
-            for (int64_t t = from; t < length; t++) {
-                const float *v = values + t * value_strides[2];
-                float weight = s[t];
-                for (int64_t c = 0; c < value_dim; c++) sums[c] += weight * v[c];
+            totals[g] = total;
+        }
+        /* Each head's weighted sum over the positions in order, as one head alone:
+         * GROUPS heads and BLOCKS * LANES columns at once where there are as many. */
+        for (int64_t g0 = 0; g0 < groups;) {
+            int64_t count = groups - g0 >= GROUPS ? GROUPS : 1;
+            const float *s = scores + g0 * length;
+            int64_t c0 = 0;
+            for (; c0 + BLOCKS * LANES <= value_dim; c0 += BLOCKS * LANES) {
+                lanes_t sums[GROUPS][BLOCKS];
+                weighted_block(s, length, count, values, value_strides[2], from, c0, sums);
+                for (int64_t g = 0; g < count; g++) {
+                    float *o = out + (row * heads + kv * groups + g0 + g) * value_dim + c0;
+                    float column[BLOCKS * LANES];
+                    memcpy(column, sums[g], sizeof column);
+                    for (int c = 0; c < BLOCKS * LANES; c++)
+                        o[c] = from >= length ? 0.0f : column[c] / totals[g0 + g];
+                }
             }
-            float *o = out + (row * heads + head) * value_dim;
-            if (from >= length) { /* no key at all: zeros, as a fully masked row */
-                for (int64_t c = 0; c < value_dim; c++) o[c] = 0.0f;
-                continue;
+            for (int64_t g = 0; g < count; g++) { /* the columns left over, one by one */
+                float *o = out + (row * heads + kv * groups + g0 + g) * value_dim;
+                for (int64_t c = c0; c < value_dim; c++) {
+                    float sum = 0.0f;
+                    for (int64_t t = from; t < length; t++)
+                        sum += s[g * length + t] * values[t * value_strides[2] + c];
+                    o[c] = from >= length ? 0.0f : sum / totals[g0 + g];
+                }
             }
-            for (int64_t c = 0; c < value_dim; c++) o[c] = sums[c] / total;
+            g0 += count;
         }
     }
     free(scores);
-    free(sums);
+    free(totals);
     return 0;
 }
