@@ -190,16 +190,16 @@ def baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int, sc
     torch.manual_seed(0)
     started = time.perf_counter()
     texts, tokens = generate(model, tokenizer, prompts, new_tokens, batch)
-    generate = time.perf_counter() - started
+    generation = time.perf_counter() - started
     started = time.perf_counter()
     scorer.score(texts)
     score = time.perf_counter() - started
     return {
         "load": load,
-        "generate": generate,
+        "generate": generation,
         "score": score,
         "tokens": tokens,
-        "tokens_per_s": tokens / generate,
+        "tokens_per_s": tokens / generation,
     }
 
 

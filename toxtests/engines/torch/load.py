@@ -15,7 +15,7 @@ from toxtests.engines.torch.tokenizer_process import (
     TokenizerProcess,
     TokenizerProcessError,
     TokenizerProcessExited,
-    load_tokenizer,
+    load_padded_tokenizer,
 )
 from toxtests.errors import ModelLoadError
 from toxtests.models import (
@@ -148,7 +148,7 @@ def finish_tokenizer(started: TokenizerProcess | None, source: str, options: dic
         except TokenizerProcessExited as exited:
             notice(f"{exited}; loading the tokenizer in this process instead")
             started.close()
-    return load_tokenizer(source, options)
+    return load_padded_tokenizer(source, options)
 
 
 def _attach(model: Any, spec: str, peft_name: str, index: int, allow_pickle: bool) -> Any:

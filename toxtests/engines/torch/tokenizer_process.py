@@ -174,7 +174,7 @@ def _tokenizer_class(source: str, options: Mapping[str, Any]) -> Any:
     return transformers.AutoTokenizer
 
 
-def load_tokenizer(source: str, options: Mapping[str, Any]) -> Any:
+def load_padded_tokenizer(source: str, options: Mapping[str, Any]) -> Any:
     """The tokenizer as the engine uses it: left padding, a pad token guaranteed."""
     from transformers.utils import logging as hf_logging
 
@@ -208,7 +208,7 @@ def main() -> None:
     sys.stdout = sys.stderr  # what the libraries print must not enter the protocol
     source, options = _receive(stdin)
     try:
-        tokenizer = load_tokenizer(source, options)
+        tokenizer = load_padded_tokenizer(source, options)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         _send(stdout, pickle.dumps(("error", type(exc).__name__, str(exc))))
         return
