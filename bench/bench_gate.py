@@ -132,26 +132,35 @@ def linear_gflops(shape: tuple[int, int], rows: int, repeats: int = 5) -> float:
     return best
 
 
-def matmul_bound(
-    model,  # noqa: ANN001
-    decode_rows: int,
-    head_gflops: float,
-    prompt_tokens: int,
-    generated: int,
-    generations: int,
-    prefill_rows: int = 2048,
-) -> float:
+def product_rates(model, prompts: int) -> dict:  # noqa: ANN001
+    """The measured rates `matmul_bound` needs, for a first gate on `prompts` prompts:
+    the decode batch's rows, the output head's GFLOP/s at those rows, and each decoder
+    layer shape's count with its GFLOP/s at those rows and in a 2048-row prefill."""
+    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
+
+    start, end = balanced_batches(prompts, auto_batch_size(model, "cpu"))[0]
+    rows = end - start
+    return {
+        "rows": rows,
+        "head": max(head_by_rows(model, (rows,)).values()),
+        "head_flops": 2.0 * model.config.hidden_size * model.config.vocab_size,
+        "shapes": [
+            (shape, count, linear_gflops(shape, 2048), linear_gflops(shape, rows))
+            for shape, count in decoder_shapes(model).items()
+        ],
+    }
+
+
+def matmul_bound(rates: dict, prompt_tokens: int, generated: int, generations: int) -> float:
     """Tokens/s of a gate whose matrix products each ran at the rate measured for its
-    shape (decode steps at `decode_rows` rows, prefills at `prefill_rows`, the output
-    head at `head_gflops`) and whose every other operation (attention, sampling, norms,
+    shape (`product_rates`) and whose every other operation (attention, sampling, norms,
     the loop itself) took no time: an upper bound on the workload, in its FLOPs."""
-    config = model.config
     decode_tokens = generated - generations  # each row's last token needs no decoder step
-    seconds = generated * 2.0 * config.hidden_size * config.vocab_size / (head_gflops * 1e9)
-    for shape, count in decoder_shapes(model).items():
+    seconds = generated * rates["head_flops"] / (rates["head"] * 1e9)
+    for shape, count, prefill_rate, decode_rate in rates["shapes"]:
         flops = count * 2.0 * shape[0] * shape[1]
-        seconds += prompt_tokens * flops / (linear_gflops(shape, prefill_rows) * 1e9)
-        seconds += decode_tokens * flops / (linear_gflops(shape, decode_rows) * 1e9)
+        seconds += prompt_tokens * flops / (prefill_rate * 1e9)
+        seconds += decode_tokens * flops / (decode_rate * 1e9)
     return generated / seconds
 
 
@@ -475,7 +484,8 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
 
 
 def report_bound(  # noqa: PLR0913
-    prompts: list,
+    rates: dict,
+    prompts: int,
     prompt_tokens: int,
     generated: int,
     ceiling: float,
@@ -485,18 +495,11 @@ def report_bound(  # noqa: PLR0913
     """What the 60%-of-the-ceiling target leaves for everything but the matrix products:
     the first gate's products (parent and adapter, prompts and generated tokens) each at
     its shape's measured rate, nothing else costing time."""
-    from toxtests.engines.torch.load import load_base
-    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
-
-    model = load_base("gemma3-270m").model
-    start, end = balanced_batches(len(prompts), auto_batch_size(model, "cpu"))[0]
-    rows = end - start
-    head_rate = max(head_by_rows(model, (rows,)).values())
-    bound = matmul_bound(model, rows, head_rate, 2 * prompt_tokens, generated, 2 * len(prompts))
+    bound = matmul_bound(rates, 2 * prompt_tokens, generated, 2 * prompts)
     line = (
-        f"matrix products alone, each at its shape's measured rate ({rows}-row decode steps, "
-        f"head {head_rate:.0f} GFLOP/s), attention, sampling, norms and the loop free: "
-        f"{bound:.0f} tokens/s = {bound / ceiling:.0%} of the ceiling"
+        f"matrix products alone, each at its shape's measured rate ({rates['rows']}-row "
+        f"decode steps, head {rates['head']:.0f} GFLOP/s), attention, sampling, norms and the "
+        f"loop free: {bound:.0f} tokens/s = {bound / ceiling:.0%} of the ceiling"
     )
     if rate:
         line += f"; toxtests generates at {rate / bound:.0%} of that bound"
@@ -687,10 +690,10 @@ def main() -> None:
         + ", ".join(f"{name} {value:.0f}" for name, value in libraries.items())
         + f") x {per_token / 1e9:.3f} GFLOP/token = {ceiling:.0f} tokens/s"
     )
+    rates = product_rates(loaded.model, len(prompts))
     if args.bound_only:
-        del loaded
         generated = 2 * len(prompts) * args.new_tokens
-        report_bound(prompts, prompt_tokens, generated, ceiling, None, {})
+        report_bound(rates, len(prompts), prompt_tokens, generated, ceiling, None, {})
         return
     by_rows = report_head(loaded.model)
     del loaded
@@ -763,7 +766,9 @@ def main() -> None:
         f"toxtests at {toxtests_rate / workload_ceiling:.0%} of it"
     )
     figures["workload_ceiling_tokens_per_s"] = workload_ceiling
-    report_bound(prompts, prompt_tokens, first["tokens"], ceiling, toxtests_rate, figures)
+    report_bound(
+        rates, len(prompts), prompt_tokens, first["tokens"], ceiling, toxtests_rate, figures
+    )
     figures["prompt_tokens"] = prompt_tokens
     if "baseline" in figures:
         speedup = toxtests_rate / figures["baseline"]["tokens_per_s"]

@@ -30,22 +30,7 @@ def reference_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     entries were made with it, so the current kernel must give its bits exactly."""
     cc = native.compiler()
     assert cc is not None  # the module is skipped without one
-    built = None
-    for flags in (native_attention.FLAGS, native_attention.PORTABLE_FLAGS):
-        try:
-            built = native.build(tmp_path_factory.mktemp("reference"), cc, REFERENCE, flags)
-            break
-        except RuntimeError:
-            continue
-    assert built is not None
-    library = ctypes.CDLL(str(built))
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.decode_attention.restype = ctypes.c_int
-    library.decode_attention.argtypes = [
-        pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
-        pointer, pointer, ctypes.c_float, i64, i64,
-    ]  # fmt: skip
-    return library
+    return native_attention.build_kernel(tmp_path_factory.mktemp("reference"), cc, REFERENCE)
 
 
 def _with_kernel(library: ctypes.CDLL, *args: object, **kwargs: object) -> torch.Tensor:

@@ -34,6 +34,28 @@ _tried = False
 _lock = threading.Lock()
 
 
+def build_kernel(cache_dir: Path, cc: str, source: Path = SOURCE) -> ctypes.CDLL:
+    """`source` compiled into `cache_dir` (natively where the compiler can, else
+    portably) and loaded, its entry point declared; the last failure is raised."""
+    failure: Exception | None = None
+    for flags in (FLAGS, PORTABLE_FLAGS):  # some compilers lack -march=native
+        try:
+            library = ctypes.CDLL(str(native.build(cache_dir, cc, source, flags)))
+            break
+        except (OSError, RuntimeError) as exc:
+            failure = exc
+    else:
+        assert failure is not None
+        raise failure
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.decode_attention.restype = ctypes.c_int
+    library.decode_attention.argtypes = [
+        pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
+        pointer, pointer, ctypes.c_float, i64, i64,
+    ]  # fmt: skip
+    return library
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built here (warned once)."""
     global _library, _tried
@@ -48,14 +70,9 @@ def load() -> ctypes.CDLL | None:
             return None
         from toxtests.models import default_cache_dir
 
-        failure: Exception | None = None
-        for flags in (FLAGS, PORTABLE_FLAGS):  # some compilers lack -march=native
-            try:
-                library = ctypes.CDLL(str(native.build(default_cache_dir(), cc, SOURCE, flags)))
-                break
-            except (OSError, RuntimeError) as exc:
-                failure = exc
-        else:
+        try:
+            library = build_kernel(default_cache_dir(), cc)
+        except (OSError, RuntimeError) as failure:
             warnings.warn(
                 f"toxtests: the native decode attention is unavailable ({failure}); "
                 f"generation keeps the torch path, invariant but slower. Set "
@@ -64,12 +81,6 @@ def load() -> ctypes.CDLL | None:
                 stacklevel=2,
             )
             return None
-        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-        library.decode_attention.restype = ctypes.c_int
-        library.decode_attention.argtypes = [
-            pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
-            pointer, pointer, ctypes.c_float, i64, i64,
-        ]  # fmt: skip
         _library = library
         return library
 
