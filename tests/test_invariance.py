@@ -34,6 +34,7 @@ from toxtests.engines.torch.attention import (
     batch_invariant,
     row_attention,
 )
+from toxtests.engines.torch.engine import SAMPLER
 from toxtests.engines.torch.loop import Generator
 from toxtests.prompts import Prompt
 
@@ -406,7 +407,7 @@ def test_the_engine_promises_invariance_only_where_it_holds(tiny) -> None:  # no
     from toxtests.engines.torch.engine import TorchEngine
 
     info = TorchEngine(EngineOptions(model=str(tiny.base), device="cpu")).describe()
-    assert info.batch_invariant and info.sampler.startswith("toxtests-crn-v5/")
+    assert info.batch_invariant and info.sampler.startswith(f"{SAMPLER}/")
     assert info.label().endswith("on cpu, batch-invariant")
     assert batch_invariant("cpu", "float32")
     assert not batch_invariant("cpu", "bfloat16")  # MKL's products, not oneDNN's packed ones

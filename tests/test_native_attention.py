@@ -180,3 +180,83 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         native_attention.decode_attention(query.double(), key, key, np.array([0, 0]), 0.5)
     with pytest.raises(ValueError, match="one first position per row"):
         native_attention.decode_attention(query, key, key, np.array([0]), 0.5)
+
+
+def _masked_reference(query, key, value, first, scale, window):  # noqa: ANN001, ANN202
+    """The prefill's attention in float64 from a boolean mask: query position p of row r
+    sees keys k with first[r] <= k <= p and p - k < window (when a window is set)."""
+    rows, heads, queries, _ = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    positions = torch.arange(length - queries, length).unsqueeze(-1)
+    keys = torch.arange(length).unsqueeze(0)
+    out = torch.zeros(rows, heads, queries, value.shape[-1], dtype=torch.float64)
+    for row in range(rows):
+        allowed = (keys <= positions) & (keys >= int(first[row]))
+        if window:
+            allowed &= positions - keys < window
+        k = key[row].double().repeat_interleave(heads // kv_heads, dim=0)
+        v = value[row].double().repeat_interleave(heads // kv_heads, dim=0)
+        scores = (query[row].double() @ k.transpose(-1, -2) * scale).masked_fill(
+            ~allowed, float("-inf")
+        )
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no key: zeros
+        out[row] = weights @ v
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    lag=st.integers(0, 6),
+    window=st.sampled_from([0, 1, 3, 8, 100]),
+    kv_heads=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 3, 4, 5]),
+    dim=st.sampled_from([7, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_prefill_is_each_of_its_positions_as_a_decoding_step(
+    lengths: list[int],
+    lag: int,
+    window: int,
+    kv_heads: int,
+    groups: int,
+    dim: int,
+    seed: int,
+) -> None:
+    """Every query position of a left-padded prefill (after `lag` keys already cached)
+    gets the bits `decode_attention` gives it over its own keys, the same bits alone as
+    in the batch, and the masked softmax's values; padding positions get zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads = len(lengths), kv_heads * groups
+    queries = max(lengths)
+    length = queries + lag
+    query = torch.randn(rows, heads, queries, dim, generator=generator)
+    key = torch.randn(rows, kv_heads, length, dim, generator=generator)
+    value = torch.randn(rows, kv_heads, length, dim + 3, generator=generator)
+    first = np.array([queries - n for n in lengths])  # left padding before n real tokens
+    out = native_attention.prefill_attention(query, key, value, first, 0.3, window)
+
+    for i in range(queries):
+        end = length - queries + i + 1
+        step_first = np.maximum(first, end - window) if window else first
+        step = native_attention.decode_attention(
+            query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], step_first, 0.3
+        )
+        assert torch.equal(out[:, :, i : i + 1], step)
+    for row in range(rows):
+        alone = native_attention.prefill_attention(
+            query[row : row + 1], key[row : row + 1], value[row : row + 1], first[row:row + 1],
+            0.3, window,
+        )  # fmt: skip
+        assert torch.equal(alone, out[row : row + 1])
+    expected = _masked_reference(query, key, value, first, 0.3, window)
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-4)
+    padding = [(row, i) for row in range(rows) for i in range(queries) if i + lag < first[row]]
+    assert all(not out[row, :, i].any() for row, i in padding)
+
+
+def test_a_prefill_with_more_queries_than_keys_is_refused() -> None:
+    query = torch.randn(1, 2, 6, 8)
+    key = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="6 queries but only 5 key positions"):
+        native_attention.prefill_attention(query, key, key, np.array([0]), 0.5)

@@ -90,14 +90,22 @@ def row_attention(
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
     dropped = layout.width - kv_len  # positions a sliding window no longer holds
-    if q_len == 1 and query.dtype == torch.float32 and native_attention.load() is not None:
-        # The whole step in one native call: each row over its own keys, in a fixed order.
-        firsts = _first_keys(layout.starts, dropped, sliding_window or 0, kv_len)
+    if query.dtype == torch.float32 and native_attention.load() is not None:
+        # The whole step, or the whole prefill, in one native call: each row over its own
+        # keys, in a fixed order.
         scale = scaling if scaling is not None else dim**-0.5
-        # On the calling thread: torch's OpenMP workers keep spinning after each product,
-        # and a second Python thread competing with them for the cores made generation
-        # slower, not faster (Gemma 3 270M, 2 cores: 66-69 against 75-76 tokens/s).
-        step = native_attention.decode_attention(query, key, value, firsts, scale, threads=1)
+        if q_len == 1:
+            firsts = _first_keys(layout.starts, dropped, sliding_window or 0, kv_len)
+            # On the calling thread: torch's OpenMP workers keep spinning after each
+            # product, and a second Python thread competing with them for the cores made
+            # generation slower, not faster (Gemma 3 270M, 2 cores: 66-69 against 75-76
+            # tokens/s).
+            step = native_attention.decode_attention(query, key, value, firsts, scale, threads=1)
+        else:
+            firsts = _first_keys(layout.starts, dropped, 0, kv_len)
+            step = native_attention.prefill_attention(
+                query, key, value, firsts, scale, sliding_window or 0
+            )
         return step.transpose(1, 2).contiguous(), None
     # Padded query positions (prefill) get 0; a decode step has none.
     out = query.new_zeros(batch, heads, q_len, value.shape[-1]) if q_len > 1 else None

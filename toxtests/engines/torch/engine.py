@@ -32,7 +32,8 @@ from toxtests.prompts import Prompt
 # v3: attention over each row's own positions (batch-invariant on the CPU).
 # v4: a decode step's attention in one native call where a C compiler is at hand.
 # v5: a single-row linear computed beside a zero row (oneDNN rounds one row otherwise).
-SAMPLER = "toxtests-crn-v5"
+# v6: a prefill's attention in the native call too (each query position as a decode step).
+SAMPLER = "toxtests-crn-v6"
 
 
 def sampling_path(device: str) -> str:

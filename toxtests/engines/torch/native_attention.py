@@ -1,5 +1,5 @@
-"""A decoding step's attention in native code: every row over its own positions, in one
-call for the whole batch.
+"""Attention in native code, every row over its own positions, in one call for the whole
+batch: a decoding step's, and a prefill's (each query position as a decoding step).
 
 `row_attention` can make rows invariant with torch alone only by calling the kernels
 once per run of rows that share a start (the products choose their blocking by the
@@ -53,6 +53,12 @@ def build_kernel(cache_dir: Path, cc: str, source: Path = SOURCE) -> ctypes.CDLL
         pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64,
         pointer, pointer, ctypes.c_float, i64, i64,
     ]  # fmt: skip
+    if hasattr(library, "prefill_attention"):  # not in the first version (tests/data)
+        library.prefill_attention.restype = ctypes.c_int
+        library.prefill_attention.argtypes = [
+            pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64,
+            pointer, pointer, i64, ctypes.c_float, i64, i64,
+        ]  # fmt: skip
     return library
 
 
@@ -85,6 +91,67 @@ def load() -> ctypes.CDLL | None:
         return library
 
 
+def _checked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> ctypes.CDLL:
+    library = load()
+    if library is None:
+        raise RuntimeError("the native decode attention is not available here")
+    for tensor in (query, key, value):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError("the native decode attention takes float32 CPU tensors")
+    return library
+
+
+def _last_contiguous(tensor: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """The tensor with its last dimension contiguous, and its other strides (floats)."""
+    if tensor.stride(-1) != 1:
+        tensor = tensor.contiguous()
+    return tensor, np.array(tensor.stride()[:3], dtype=np.int64)
+
+
+def _firsts(first: np.ndarray, rows: int) -> np.ndarray:
+    first = np.ascontiguousarray(first, dtype=np.int64)
+    if first.shape != (rows,):
+        raise ValueError(f"one first position per row expected: {rows} rows, {first.shape}")
+    return first
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first: np.ndarray,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """(rows, heads, queries, value_dim): each query position of row r over its keys
+    [first[r], position] (the last `window` of them where `window` > 0), zeros for a
+    position before first[r]; the queries are the last `queries` key positions.
+
+    Every position is computed as `decode_attention` computes one query over those
+    keys: the same bits whatever the batch, the padding or the other positions, and the
+    same as the decoding steps that follow. One call a layer, where torch needed one
+    per row (SDPA's math kernel gave a row other bits beside another)."""
+    library = _checked(query, key, value)
+    rows, heads, queries, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    value_dim = value.shape[-1]
+    if queries > length:
+        raise ValueError(f"{queries} queries but only {length} key positions")
+    query = query.contiguous()
+    key, key_strides = _last_contiguous(key)
+    value, value_strides = _last_contiguous(value)
+    first = _firsts(first, rows)
+    out = torch.empty(rows, heads, queries, value_dim, dtype=torch.float32)
+    status = library.prefill_attention(
+        query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+        first.ctypes.data, heads, kv_heads, queries, length, dim, value_dim,
+        key_strides.ctypes.data, value_strides.ctypes.data, window, scale, 0, rows * kv_heads,
+    )  # fmt: skip
+    if status:
+        raise MemoryError("the native prefill attention could not allocate its scratch memory")
+    return out
+
+
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -98,26 +165,15 @@ def decode_attention(
     query (rows, heads, 1, dim); key, value (rows, kv_heads, length, dim), float32 on
     the CPU. Rows are split across `threads` Python threads by (row, kv head) pair; each
     pair's arithmetic is the same on any thread."""
-    library = load()
-    if library is None:
-        raise RuntimeError("the native decode attention is not available here")
-    for tensor in (query, key, value):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError("the native decode attention takes float32 CPU tensors")
+    library = _checked(query, key, value)
     rows, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     value_dim = value.shape[-1]
     query = query.contiguous()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
-    first = np.ascontiguousarray(first, dtype=np.int64)
-    if first.shape != (rows,):
-        raise ValueError(f"one first position per row expected: {rows} rows, {first.shape}")
+    key, key_strides = _last_contiguous(key)
+    value, value_strides = _last_contiguous(value)
+    first = _firsts(first, rows)
     out = torch.empty(rows, heads, 1, value_dim, dtype=torch.float32)
-    key_strides = np.array(key.stride()[:3], dtype=np.int64)
-    value_strides = np.array(value.stride()[:3], dtype=np.int64)
     arguments = (
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
         first.ctypes.data, heads, kv_heads, length, dim, value_dim,

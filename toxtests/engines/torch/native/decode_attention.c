@@ -1,4 +1,6 @@
-/* One decoding step of attention, each row over its own positions only (portable C).
+/* Attention, each row over its own positions only (portable C): one decoding step
+ * (decode_attention), or a prefill as one decoding step per query position
+ * (prefill_attention).
  *
  * For every (row, key-value head) pair and each of its query heads: the scores over the
  * row's real key positions [first[row], length), a softmax, and the weighted sum of the
@@ -135,6 +137,77 @@ static inline void weighted_block(const float *scores, int64_t length, int64_t c
     }
 }
 
+/* One (row, key-value head) pair: its `groups` query heads (head g's query at
+ * q + g * q_stride) over the key positions [from, length), head g's output written to
+ * out + g * o_stride (zeros where there is no key). scores: room for groups * length
+ * floats, totals for groups. */
+static void attend_pair(const float *q, int64_t q_stride, const float *keys,
+                        const float *values, float *out, int64_t o_stride, int64_t from,
+                        int64_t length, int64_t groups, int64_t dim, int64_t value_dim,
+                        int64_t key_stride, int64_t value_stride, float scale, float *scores,
+                        float *totals) {
+    int64_t scored = 0; /* query heads whose scores are in */
+    int64_t t = from;
+    for (; scored + GROUPS <= groups; scored += GROUPS) {
+        const float *queries = q + scored * q_stride;
+        for (t = from; t + SHARED <= length; t += SHARED)
+            grouped_dots(queries, q_stride, keys + t * key_stride, key_stride, dim,
+                         scores + scored * length + t, length);
+        for (int64_t g = 0; g < GROUPS; g++)
+            for (int64_t u = t; u < length; u++)
+                scores[(scored + g) * length + u] =
+                    dot(queries + g * q_stride, keys + u * key_stride, dim);
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const float *query = q + g * q_stride;
+        float *s = scores + g * length;
+        if (g >= scored) {
+            for (t = from; t + POSITIONS <= length; t += POSITIONS)
+                dots(query, keys + t * key_stride, key_stride, dim, s + t);
+            for (; t < length; t++) s[t] = dot(query, keys + t * key_stride, dim);
+        }
+        float top = -INFINITY;
+        for (t = from; t < length; t++) {
+            s[t] = s[t] * scale;
+            if (s[t] > top) top = s[t];
+        }
+        float total = 0.0f;
+        for (t = from; t < length; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
+        }
+        totals[g] = total;
+    }
+    /* Each head's weighted sum over the positions in order, as one head alone:
+     * GROUPS heads and BLOCKS * LANES columns at once where there are as many. */
+    for (int64_t g0 = 0; g0 < groups;) {
+        int64_t count = groups - g0 >= GROUPS ? GROUPS : 1;
+        const float *s = scores + g0 * length;
+        int64_t c0 = 0;
+        for (; c0 + BLOCKS * LANES <= value_dim; c0 += BLOCKS * LANES) {
+            lanes_t sums[GROUPS][BLOCKS];
+            weighted_block(s, length, count, values, value_stride, from, c0, sums);
+            for (int64_t g = 0; g < count; g++) {
+                float *o = out + (g0 + g) * o_stride + c0;
+                float column[BLOCKS * LANES];
+                memcpy(column, sums[g], sizeof column);
+                for (int c = 0; c < BLOCKS * LANES; c++)
+                    o[c] = from >= length ? 0.0f : column[c] / totals[g0 + g];
+            }
+        }
+        for (int64_t g = 0; g < count; g++) { /* the columns left over, one by one */
+            float *o = out + (g0 + g) * o_stride;
+            for (int64_t c = c0; c < value_dim; c++) {
+                float sum = 0.0f;
+                for (int64_t t = from; t < length; t++)
+                    sum += s[g * length + t] * values[t * value_stride + c];
+                o[c] = from >= length ? 0.0f : sum / totals[g0 + g];
+            }
+        }
+        g0 += count;
+    }
+}
+
 /* query: (rows, heads, dim) contiguous; key, value: (rows, kv_heads, positions, dim)
  * with the given strides (in floats; the last dimension contiguous); out: (rows, heads,
  * value_dim) contiguous. first[row]: the row's first key position to attend to.
@@ -155,68 +228,51 @@ int decode_attention(const float *query, const float *key, const float *value, f
     }
     for (int64_t pair = pair_from; pair < pair_to; pair++) {
         int64_t row = pair / kv_heads, kv = pair % kv_heads;
-        int64_t from = first[row];
+        int64_t head = row * heads + kv * groups;
+        attend_pair(query + head * dim, dim, key + row * key_strides[0] + kv * key_strides[1],
+                    value + row * value_strides[0] + kv * value_strides[1],
+                    out + head * value_dim, value_dim, first[row], length, groups, dim,
+                    value_dim, key_strides[2], value_strides[2], scale, scores, totals);
+    }
+    free(scores);
+    free(totals);
+    return 0;
+}
+
+/* A prefill's attention: every query position of every row as its own decoding step.
+ * query: (rows, heads, queries, dim) contiguous, its queries the last `queries` of the
+ * `length` key positions; key, value as for decode_attention; out: (rows, heads,
+ * queries, value_dim) contiguous. Query position p of a row attends to its keys
+ * [first[row], p] (the last `window` of them where window > 0); a position before
+ * first[row] (padding) gets zeros. Each position's numbers are those decode_attention
+ * gives the same query over the same keys. */
+int prefill_attention(const float *query, const float *key, const float *value, float *out,
+                      const int64_t *first, int64_t heads, int64_t kv_heads, int64_t queries,
+                      int64_t length, int64_t dim, int64_t value_dim,
+                      const int64_t *key_strides, const int64_t *value_strides,
+                      int64_t window, float scale, int64_t pair_from, int64_t pair_to) {
+    int64_t groups = heads / kv_heads;
+    float *scores = malloc(sizeof(float) * (size_t)(length > 0 ? length : 1) * (size_t)groups);
+    float *totals = malloc(sizeof(float) * (size_t)(groups > 0 ? groups : 1));
+    if (!scores || !totals) {
+        free(scores);
+        free(totals);
+        return 1;
+    }
+    int64_t lag = length - queries; /* keys before the first query (an earlier prefill) */
+    for (int64_t pair = pair_from; pair < pair_to; pair++) {
+        int64_t row = pair / kv_heads, kv = pair % kv_heads;
+        int64_t head = row * heads + kv * groups;
         const float *keys = key + row * key_strides[0] + kv * key_strides[1];
         const float *values = value + row * value_strides[0] + kv * value_strides[1];
-        int64_t scored = 0; /* query heads whose scores are in */
-        int64_t t = from;
-        for (; scored + GROUPS <= groups; scored += GROUPS) {
-            const float *q = query + (row * heads + kv * groups + scored) * dim;
-            for (t = from; t + SHARED <= length; t += SHARED)
-                grouped_dots(q, dim, keys + t * key_strides[2], key_strides[2], dim,
-                             scores + scored * length + t, length);
-            for (int64_t g = 0; g < GROUPS; g++)
-                for (int64_t u = t; u < length; u++)
-                    scores[(scored + g) * length + u] =
-                        dot(q + g * dim, keys + u * key_strides[2], dim);
-        }
-        for (int64_t g = 0; g < groups; g++) {
-            const float *q = query + (row * heads + kv * groups + g) * dim;
-            float *s = scores + g * length;
-            if (g >= scored) {
-                for (t = from; t + POSITIONS <= length; t += POSITIONS)
-                    dots(q, keys + t * key_strides[2], key_strides[2], dim, s + t);
-                for (; t < length; t++) s[t] = dot(q, keys + t * key_strides[2], dim);
-            }
-            float top = -INFINITY;
-            for (t = from; t < length; t++) {
-                s[t] = s[t] * scale;
-                if (s[t] > top) top = s[t];
-            }
-            float total = 0.0f;
-            for (t = from; t < length; t++) {
-                s[t] = expf(s[t] - top);
-                total += s[t];
-            }
-            totals[g] = total;
-        }
-        /* Each head's weighted sum over the positions in order, as one head alone:
-         * GROUPS heads and BLOCKS * LANES columns at once where there are as many. */
-        for (int64_t g0 = 0; g0 < groups;) {
-            int64_t count = groups - g0 >= GROUPS ? GROUPS : 1;
-            const float *s = scores + g0 * length;
-            int64_t c0 = 0;
-            for (; c0 + BLOCKS * LANES <= value_dim; c0 += BLOCKS * LANES) {
-                lanes_t sums[GROUPS][BLOCKS];
-                weighted_block(s, length, count, values, value_strides[2], from, c0, sums);
-                for (int64_t g = 0; g < count; g++) {
-                    float *o = out + (row * heads + kv * groups + g0 + g) * value_dim + c0;
-                    float column[BLOCKS * LANES];
-                    memcpy(column, sums[g], sizeof column);
-                    for (int c = 0; c < BLOCKS * LANES; c++)
-                        o[c] = from >= length ? 0.0f : column[c] / totals[g0 + g];
-                }
-            }
-            for (int64_t g = 0; g < count; g++) { /* the columns left over, one by one */
-                float *o = out + (row * heads + kv * groups + g0 + g) * value_dim;
-                for (int64_t c = c0; c < value_dim; c++) {
-                    float sum = 0.0f;
-                    for (int64_t t = from; t < length; t++)
-                        sum += s[g * length + t] * values[t * value_strides[2] + c];
-                    o[c] = from >= length ? 0.0f : sum / totals[g0 + g];
-                }
-            }
-            g0 += count;
+        for (int64_t i = 0; i < queries; i++) {
+            int64_t end = lag + i + 1;
+            int64_t from = first[row];
+            if (window > 0 && end - window > from) from = end - window;
+            attend_pair(query + (head * queries + i) * dim, queries * dim, keys, values,
+                        out + (head * queries + i) * value_dim, queries * value_dim, from, end,
+                        groups, dim, value_dim, key_strides[2], value_strides[2], scale,
+                        scores, totals);
         }
     }
     free(scores);
