@@ -208,37 +208,6 @@ static void attend_pair(const float *q, int64_t q_stride, const float *keys,
     }
 }
 
-/* query: (rows, heads, dim) contiguous; key, value: (rows, kv_heads, positions, dim)
- * with the given strides (in floats; the last dimension contiguous); out: (rows, heads,
- * value_dim) contiguous. first[row]: the row's first key position to attend to.
- * Pairs [pair_from, pair_to) of (row, kv head) are done; returns 0, or 1 when out of
- * memory. */
-int decode_attention(const float *query, const float *key, const float *value, float *out,
-                     const int64_t *first, int64_t heads, int64_t kv_heads, int64_t length,
-                     int64_t dim, int64_t value_dim, const int64_t *key_strides,
-                     const int64_t *value_strides, float scale, int64_t pair_from,
-                     int64_t pair_to) {
-    int64_t groups = heads / kv_heads;
-    float *scores = malloc(sizeof(float) * (size_t)(length > 0 ? length : 1) * (size_t)groups);
-    float *totals = malloc(sizeof(float) * (size_t)(groups > 0 ? groups : 1));
-    if (!scores || !totals) {
-        free(scores);
-        free(totals);
-        return 1;
-    }
-    for (int64_t pair = pair_from; pair < pair_to; pair++) {
-        int64_t row = pair / kv_heads, kv = pair % kv_heads;
-        int64_t head = row * heads + kv * groups;
-        attend_pair(query + head * dim, dim, key + row * key_strides[0] + kv * key_strides[1],
-                    value + row * value_strides[0] + kv * value_strides[1],
-                    out + head * value_dim, value_dim, first[row], length, groups, dim,
-                    value_dim, key_strides[2], value_strides[2], scale, scores, totals);
-    }
-    free(scores);
-    free(totals);
-    return 0;
-}
-
 /* A prefill's attention: every query position of every row as its own decoding step.
  * query: (rows, heads, queries, dim) contiguous, its queries the last `queries` of the
  * `length` key positions; key, value as for decode_attention; out: (rows, heads,
@@ -278,4 +247,20 @@ int prefill_attention(const float *query, const float *key, const float *value, 
     free(scores);
     free(totals);
     return 0;
+}
+
+/* One decoding step: the prefill of a single query, the last key position, with the
+ * window already in first[]. query: (rows, heads, dim) contiguous; key, value: (rows,
+ * kv_heads, positions, dim) with the given strides (in floats; the last dimension
+ * contiguous); out: (rows, heads, value_dim) contiguous. first[row]: the row's first key
+ * position to attend to. Pairs [pair_from, pair_to) of (row, kv head) are done; returns
+ * 0, or 1 when out of memory. */
+int decode_attention(const float *query, const float *key, const float *value, float *out,
+                     const int64_t *first, int64_t heads, int64_t kv_heads, int64_t length,
+                     int64_t dim, int64_t value_dim, const int64_t *key_strides,
+                     const int64_t *value_strides, float scale, int64_t pair_from,
+                     int64_t pair_to) {
+    return prefill_attention(query, key, value, out, first, heads, kv_heads, 1, length, dim,
+                             value_dim, key_strides, value_strides, 0, scale, pair_from,
+                             pair_to);
 }
