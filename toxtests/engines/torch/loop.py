@@ -34,6 +34,12 @@ from toxtests.errors import GenerationError
 from toxtests.prompts import Prompt
 
 
+def native(model: Any) -> bool:
+    """Whether `model` is toxtests' own decoder (`toxtests.engines.torch.gemma3`): row
+    attention built in, LoRA adapters switched by name, no transformers hooks."""
+    return bool(getattr(model, "toxtests_native", False))
+
+
 def _dtype_name(model: Any) -> str:
     parameter = next(iter(model.parameters()), None)
     return str(parameter.dtype).removeprefix("torch.") if parameter is not None else ""
@@ -167,7 +173,8 @@ class Generator:
         self.settings = settings
         self.device = device
         self.batch_size = settings.batch_size or auto_batch_size(model, device)
-        self.eos_ids = self._eos_ids()
+        # What the forward calls its KV cache (transformers' name changed in 5.2x).
+        self.cache_keyword = "cache" if native(model) else cache_keyword()
         from toxtests.engines.torch.head import output_head  # torch: only once a model is loaded
         from toxtests.engines.torch.packed import fuse_gated_mlps, pack_linears
 
@@ -181,6 +188,9 @@ class Generator:
         self.prefill_overhead = FORWARD_OVERHEAD
         # One prefill per prompt for its k samples (off: every row prefilled, to compare).
         self.share_prefill = True
+        # The tokenizer's first use: it may still be loading in its process (`load.
+        # PendingTokenizer`) while the weights above were packed.
+        self.eos_ids = self._eos_ids()
         # Each row's own arithmetic whatever its batch-mates (`attention`): on the CPU in
         # float32, where the packed linear layers are row-invariant too.
         self.row_attention = row_attention_applies(model, device) and self._rows_invariant()
@@ -200,7 +210,9 @@ class Generator:
         )
 
     def _attention(self) -> Any:
-        return row_attention_on(self.model) if self.row_attention else nullcontext()
+        if native(self.model) or not self.row_attention:  # the native decoder has it built in
+            return nullcontext()
+        return row_attention_on(self.model)
 
     def _rows_invariant(self) -> bool:
         """Whether a probe row gets the same bits alone and beside a longer one: the
@@ -234,7 +246,7 @@ class Generator:
         if adapter is None:
             return model.disable_adapter()
         model.set_adapter(adapter)
-        if self.device.startswith("cpu"):
+        if self.device.startswith("cpu") and not native(model):
             from toxtests.engines.torch.packed import merge_adapter_layers
 
             merge_adapter_layers(model, adapter)  # W + BA packed, the model's W untouched
@@ -293,6 +305,8 @@ class Generator:
             return False
         if not hasattr(self.model, "disable_adapter"):
             return False
+        if native(self.model):  # every adapter merged and routable (`lora`)
+            return True
         from toxtests.engines.torch.packed import merge_adapter_layers, mixable
 
         named = sorted({adapter for adapter in adapters if adapter is not None})
@@ -388,7 +402,7 @@ class Generator:
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=attention,
                     position_ids=positions,
-                    **{cache_keyword(): cache},
+                    **{self.cache_keyword: cache},
                     layout=layout,
                     routes=routes,
                 )
@@ -526,9 +540,9 @@ class Generator:
         with routing:
             if self.fused is None:
                 out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-                return out.logits[:, -1, :], getattr(out, cache_keyword())
+                return out.logits[:, -1, :], getattr(out, self.cache_keyword)
             out = self.fused[0](**inputs, use_cache=True)
-        return out.last_hidden_state[:, -1, :], getattr(out, cache_keyword())
+        return out.last_hidden_state[:, -1, :], getattr(out, self.cache_keyword)
 
     def _next_tokens(self, last: Any, uniforms: Any, spread: Any = None) -> Any:
         """The next token of every row from its last state, by its own uniform; with

@@ -342,6 +342,11 @@ def routed_rows(routes: Sequence[tuple[torch.Tensor, str | None]] | None) -> Ite
         _ROUTES.reset(token)
 
 
+def current_routes() -> Sequence[tuple[torch.Tensor, str | None]] | None:
+    """The routes `routed_rows` set for the forward pass running now (None: none)."""
+    return _ROUTES.get()
+
+
 def mixable(model: torch.nn.Module, adapters: Sequence[str]) -> bool:
     """Whether rows of the parent and of `adapters` can share a forward pass of `model`:
     every module an adapter touches is a LoRA layer with a usable merged copy for it

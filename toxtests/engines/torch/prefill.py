@@ -10,9 +10,10 @@ to one width and stacked, so decoding still runs over the whole batch. The joine
 cache is allocated with room for the decode steps, which then write one position each
 instead of concatenating (`_grow_in_place`).
 
-Only transformers' `DynamicCache` of full or not-yet-truncated sliding-window layers
-is joined; anything else (another cache class, a sliding window already full) makes
-`join_caches` return None and the caller prefills the batch as one rectangle.
+Only transformers' `DynamicCache` of full or not-yet-truncated sliding-window layers,
+and the native decoder's `KVCache`, are joined; anything else (another cache class, a
+sliding window already full) makes `join_caches` return None and the caller prefills
+the batch as one rectangle.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def repeat_rows(cache: Any, index: Any) -> Any:
 
 def joinable(cache: Any) -> bool:
     """Whether `join_caches` knows this cache's class and every one of its layers."""
+    from toxtests.engines.torch.kv_cache import KVCache
+
+    if type(cache) is KVCache:  # the native decoder's (no transformers import)
+        return True
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     return type(cache) is DynamicCache and all(

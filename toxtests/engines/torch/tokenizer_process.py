@@ -130,10 +130,19 @@ class TokenizerProcess:
         return f"TokenizerProcess({self._source!r}, pid {self._child.pid})"
 
     @property
+    def source(self) -> str:
+        """The model directory (or Hub id) whose tokenizer this is."""
+        return self._source
+
+    @property
     def pid(self) -> int:
         return int(self._child.pid)
 
     def close(self) -> None:
+        """End the child; one never waited on is killed rather than left to finish
+        loading (a tokenizer started ahead of a run that turned out fully cached)."""
+        if not self._loaded and self._child.poll() is None:
+            self._child.kill()
         self._finalizer()
 
 
