@@ -379,13 +379,18 @@ def machine() -> str:
     return f"{model}, {vector}, {torch.get_num_threads()} torch threads"
 
 
-def _timed_process(command: list[str], timings: Path | None = None) -> dict:
+def _timed_process(
+    command: list[str], timings: Path | None = None, env: dict[str, str] | None = None
+) -> dict:
     """Wall seconds of a command run as its own process (interpreter start and imports
-    counted), with its phase timings when it writes them (`timed_gate.py`)."""
+    counted), with its phase timings when it writes them (`timed_gate.py`); `env`: extra
+    environment variables."""
+    import os
     import subprocess
 
+    environment = {**os.environ, **(env or {})}
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     wall = time.perf_counter() - started
     if done.returncode not in (0, 1):  # 1: the gate failed an adapter, as it should
         raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr}")
@@ -426,7 +431,10 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
     """The CI-sized gate end to end, as processes: 128 prompts not seen before, parent +
     one adapter, early stopping off, a fresh cache directory (the converted model
     shared), against the plain transformers + PEFT script (`plain_gate.py`); then a
-    second adapter against the cached parent."""
+    second adapter against the cached parent. Then the same two gates again, in a fresh
+    cache directory, with the native decoder switched off (transformers' Gemma 3 and PEFT,
+    imported by the gate's process): the same text, the fixed costs of the imports."""
+    from toxtests.engines.torch.load import NATIVE_VARIABLE
     from toxtests.shards import stratified_subset
 
     chosen = stratified_subset(prompts, args.small_prompts)
@@ -447,7 +455,7 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
         ]
     )
 
-    def gate_process(label: str, *adapter_names: str) -> dict:
+    def gate_process(label: str, *adapter_names: str, cache: Path = cache, env=None) -> dict:  # noqa: ANN001
         timings = workdir / f"{label}.json"
         command = [sys.executable, str(bench / "timed_gate.py"), str(timings), "gate"]
         for name in adapter_names:
@@ -466,14 +474,19 @@ def small_workload(prompts: list, args: argparse.Namespace, model_dir: str) -> d
             "--no-early-stopping",
             "--quiet",
         ]
-        return _timed_process(command, timings)
+        return _timed_process(command, timings, env)
 
     first = gate_process("first", "identity")
     second = gate_process("second", "identity", "toxic")
+    off = {NATIVE_VARIABLE: "0"}
+    other_cache = cold_cache(workdir / "cache-transformers", model_dir)
+    first_off = gate_process("first-off", "identity", cache=other_cache, env=off)
+    second_off = gate_process("second-off", "identity", "toxic", cache=other_cache, env=off)
     shutil.rmtree(workdir, ignore_errors=True)
-    for run in (plain, first, second):
+    for run in (plain, first, second, first_off, second_off):
         run.pop("stdout")
     return {
+        "transformers_decoder": {"first_gate": first_off, "second_adapter": second_off},
         "prompts": len(chosen),
         "plain_script": plain,
         "first_gate": first,
@@ -534,6 +547,17 @@ def report_small(prompts: list, args: argparse.Namespace, model_dir: str, figure
         f"fixed costs (wall outside generation: interpreter, imports, model, scorer, "
         f"statistics, report): first gate {first['outside_generation']:.1f}s, second "
         f"adapter {second['outside_generation']:.1f}s"
+    )
+    off = small["transformers_decoder"]
+    first_off, second_off = off["first_gate"], off["second_adapter"]
+    print(
+        f"the same two gates with the native decoder off (transformers' Gemma 3 and PEFT "
+        f"imported): first gate {first_off['wall']:.1f}s "
+        f"({first_off['outside_generation']:.1f}s outside generation) = "
+        f"{small['plain_script']['wall'] / first_off['wall']:.1f}x the plain script, "
+        f"second adapter {second_off['wall']:.1f}s "
+        f"({second_off['outside_generation']:.1f}s outside) = "
+        f"{second_off['wall'] / first_off['wall']:.0%}"
     )
     # second <= 55% of first, with F the fixed costs of each and G their generations:
     # F + G_second <= 0.55 (F + G_first)  <=>  F <= (0.55 G_first - G_second) / 0.45.

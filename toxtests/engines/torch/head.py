@@ -14,7 +14,8 @@ the chunks as they come out (`logit_chunks`) and the buffer is never filled.
 
 The head is only used where it is provably the model's own: a plain `nn.Linear` output
 layer (not wrapped by an adapter), with Gemma's final-logit soft cap applied when the
-config has one, and a probe forward whose logits must match the model's own.
+config has one, and a probe forward whose logits must match the model's own (the native
+decoder's are by construction).
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ def output_head(model: Any, device: str) -> tuple[Any, OutputHead] | None:
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     head = OutputHead(layer.weight, layer.bias, float(softcap) if softcap else None)
+    if getattr(model, "toxtests_native", False):
+        # The native decoder's logits are this head's by construction (its forward is
+        # the decoder, this layer, this soft cap): no probe forward (~0.1-0.2 s a gate).
+        return decoder, head
     probe = torch.arange(1, min(5, head.vocab), device=layer.weight.device).unsqueeze(0)
     with torch.inference_mode():
         try:
