@@ -252,7 +252,9 @@ def invariance_cost(prompts: list, new_tokens: int, repeats: int = 2) -> dict:  
     from toxtests.engines.torch import loop, native_attention
     from toxtests.engines.torch.load import load_base
 
-    loaded = load_base("gemma3-270m")
+    # transformers' model: padded SDPA is its attention; the native decoder (which a gate
+    # runs, with the same bits as the invariant path here) always attends row by row.
+    loaded = load_base("gemma3-270m", native=False)
     settings = GenerationConfig(max_new_tokens=new_tokens, top_p=0.9)
     applies = loop.row_attention_applies
     kernel = native_attention.load

@@ -284,6 +284,14 @@ def test_a_tokenizer_started_for_nothing_is_killed_not_awaited(gemma) -> None:  
     started = TokenizerProcess(str(gemma["base"]), {"local_files_only": True})
     started.close()
     assert started._child.returncode == -9
+    forgotten = TokenizerProcess(str(gemma["base"]), {"local_files_only": True})
+    child = forgotten._child
+    del forgotten  # its finalizer, as at the interpreter's exit
+    assert child.wait(timeout=5) == -9
+    loaded = TokenizerProcess(str(gemma["base"]), {"local_files_only": True})
+    loaded.wait_loaded()
+    loaded.close()  # a loaded child ends by its own loop, not killed
+    assert loaded._child.returncode == 0
 
 
 @pytest.mark.slow

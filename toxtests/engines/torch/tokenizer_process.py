@@ -60,6 +60,7 @@ class TokenizerProcess:
         self._values: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loaded = False
+        self._state = {"loaded": False}  # what the finalizer reads (it holds no self)
         environment = dict(os.environ)
         environment.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._child = subprocess.Popen(  # noqa: S603 - this interpreter, this file
@@ -68,7 +69,7 @@ class TokenizerProcess:
             stdout=subprocess.PIPE,
             env=environment,
         )
-        self._finalizer = weakref.finalize(self, _stop, self._child)
+        self._finalizer = weakref.finalize(self, _stop, self._child, self._state)
         _send(self._child.stdin, pickle.dumps((source, dict(load_options))))
 
     def wait_loaded(self) -> None:
@@ -76,7 +77,7 @@ class TokenizerProcess:
         with self._lock:
             if not self._loaded:
                 self._reply()
-                self._loaded = True
+                self._loaded = self._state["loaded"] = True
 
     def _reply(self) -> Any:
         try:
@@ -139,15 +140,15 @@ class TokenizerProcess:
         return int(self._child.pid)
 
     def close(self) -> None:
-        """End the child; one never waited on is killed rather than left to finish
-        loading (a tokenizer started ahead of a run that turned out fully cached)."""
-        if not self._loaded and self._child.poll() is None:
-            self._child.kill()
         self._finalizer()
 
 
-def _stop(child: subprocess.Popen) -> None:
-    """End the child: closing its input ends its loop; kill it if it does not stop."""
+def _stop(child: subprocess.Popen, state: Mapping[str, bool]) -> None:
+    """End the child: closing its input ends its loop; kill it if it does not stop. One
+    never waited on is killed at once rather than left to finish loading (a tokenizer
+    started ahead of a run that turned out fully cached), at `close` or at exit."""
+    if not state["loaded"] and child.poll() is None:
+        child.kill()
     for stream in (child.stdin, child.stdout):
         try:
             if stream is not None:
