@@ -11,10 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import helpers_models
 import pytest
 import torch
 
-import helpers_models
 from toxtests.config import GenerationConfig
 from toxtests.engines.torch import gemma3, lora
 from toxtests.engines.torch.load import (
@@ -206,13 +206,17 @@ def test_an_adapter_for_another_base_is_refused_by_name(gemma, tmp_path) -> None
     ],
 )
 def test_models_the_native_decoder_does_not_compute_are_left_to_transformers(
-    gemma, tmp_path, change: dict, why: str  # noqa: ANN001
+    gemma,
+    tmp_path,
+    change: dict,
+    why: str,  # noqa: ANN001
 ) -> None:
     directory = tmp_path / "model"
     directory.mkdir()
     config = json.loads((gemma["base"] / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **change}))
-    (directory / "model.safetensors").write_bytes((gemma["base"] / "model.safetensors").read_bytes())
+    weights = (gemma["base"] / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(weights)
     assert gemma3.native_config(gemma["base"]) is not None
     assert gemma3.native_config(directory) is None, why
 
@@ -245,9 +249,11 @@ def test_a_gate_process_imports_neither_transformers_nor_peft(gemma, tmp_path) -
             load.load_base({str(gemma["base"])!r}, cache_dir={str(tmp_path)!r}, device="cpu"),
             [{str(gemma["changed"])!r}],
         )
-        generator = Generator(loaded.model, loaded.tokenizer, GenerationConfig(max_new_tokens=4), "cpu")
+        settings = GenerationConfig(max_new_tokens=4)
+        generator = Generator(loaded.model, loaded.tokenizer, settings, "cpu")
         texts = generator.generate([Prompt("a", "the weather")], "adapter0")
-        print(type(loaded.model).__name__, len(texts), "transformers" in sys.modules, "peft" in sys.modules)
+        imported = ["transformers" in sys.modules, "peft" in sys.modules]
+        print(type(loaded.model).__name__, len(texts), *imported)
         """
     )
     done = subprocess.run(

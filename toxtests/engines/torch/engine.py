@@ -235,7 +235,8 @@ class TorchEngine:
                 prompts, None, on_prompt_done=on_prompt_done, label=variant.name
             )
         generator = self.generator(settings)
-        peft_name = None if variant.index is None else self._resident(None).adapters[variant.index].peft_name
+        adapters = self._resident(None).adapters
+        peft_name = None if variant.index is None else adapters[variant.index].peft_name
         return generator.generate(  # type: ignore[no-any-return]
             prompts, peft_name, on_prompt_done=on_prompt_done, label=variant.name
         )

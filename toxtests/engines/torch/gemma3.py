@@ -229,6 +229,7 @@ class Attention(nn.Module):
         key = (key * cos) + (rotate_half(key) * sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer)
+        layout_argument: dict[str, Any] = {LAYOUT_KEYWORD: layout}
         out, _ = row_attention(
             self,
             query,
@@ -237,7 +238,7 @@ class Attention(nn.Module):
             None,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
-            **{LAYOUT_KEYWORD: layout},
+            **layout_argument,
         )
         return self.o_proj(out.reshape(*input_shape, -1).contiguous())  # type: ignore[no-any-return]
 
@@ -288,9 +289,7 @@ class CausalLMOutput:
         return self.cache
 
 
-def layout_from_mask(
-    attention_mask: torch.Tensor | None, rows: int, width: int
-) -> RowLayout:
+def layout_from_mask(attention_mask: torch.Tensor | None, rows: int, width: int) -> RowLayout:
     """Each row's first real position, from a left-padded mask over all `width`
     positions (None: no padding)."""
     if attention_mask is None:

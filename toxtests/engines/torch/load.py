@@ -37,7 +37,6 @@ from toxtests.models import (
     resolve_model,
 )
 
-
 # Set to 0 to load every model through transformers and PEFT (to compare the two paths).
 NATIVE_VARIABLE = "TOXTESTS_NATIVE_DECODER"
 
@@ -110,13 +109,13 @@ def load_base(
         from toxtests.engines.torch import gemma3
 
         try:
-            model = gemma3.load(source, config)
+            native_model = gemma3.load(source, config)
         except (OSError, ValueError) as exc:
             if tokenizer is not None:
                 tokenizer.close()
             raise ModelLoadError(f"{spec}: cannot load model ({exc})") from None
         pending = PendingTokenizer(spec, tokenizer, source, tokenizer_options)
-        return LoadedModel(spec, kind, fingerprint, model, pending, device, dtype)
+        return LoadedModel(spec, kind, fingerprint, native_model, pending, device, dtype)
     try:
         with quiet_loading():
             from transformers import AutoModelForCausalLM
