@@ -221,6 +221,40 @@ def test_models_the_native_decoder_does_not_compute_are_left_to_transformers(
     assert gemma3.native_config(directory) is None, why
 
 
+def test_a_config_leaving_a_value_to_transformers_defaults_is_left_to_transformers(
+    gemma, tmp_path
+) -> None:  # noqa: ANN001
+    """Gemma3TextConfig's defaults (head size 256, not hidden / heads) are transformers'
+    to apply: a config.json without the key loads through transformers."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    config = json.loads((gemma["base"] / "config.json").read_text())
+    del config["head_dim"]
+    (directory / "config.json").write_text(json.dumps(config))
+    weights = (gemma["base"] / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(weights)
+    assert gemma3.native_config(directory) is None
+
+
+def test_generation_stops_at_the_eos_ids_transformers_would(gemma, tmp_path) -> None:  # noqa: ANN001
+    """generation_config.json's EOS ids (a chat model's end of turn too) win over
+    config.json's, as transformers reads them."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    for entry in gemma["base"].iterdir():
+        (directory / entry.name).write_bytes(entry.read_bytes())
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    cache = tmp_path / "cache"
+    native = load_base(str(directory), cache_dir=cache, device="cpu")
+    reference = load_base(str(directory), cache_dir=cache, device="cpu", native=False)
+    assert native.model.generation_config.eos_token_id == [1, 7]
+    assert reference.model.generation_config.eos_token_id == [1, 7]
+    settings = GenerationConfig(max_new_tokens=4)
+    ours = Generator(native.model, native.tokenizer, settings, "cpu")
+    theirs = Generator(reference.model, reference.tokenizer, settings, "cpu")
+    assert ours.eos_ids == theirs.eos_ids and 7 in ours.eos_ids
+
+
 def test_a_weight_the_config_does_not_describe_is_named(gemma, tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import load_file, save_file
 

@@ -46,7 +46,7 @@ class TextConfig:
     vocab_size: int
     max_position_embeddings: int
     query_pre_attn_scalar: float
-    sliding_window: int
+    sliding_window: int | None
     layer_types: tuple[str, ...]
     rope_thetas: dict[str, float]
     final_logit_softcapping: float | None
@@ -102,6 +102,12 @@ def native_config(directory: str | Path) -> TextConfig | None:
         return None
     if raw.get("hidden_activation", "gelu_pytorch_tanh") not in ACTIVATIONS:
         return None
+    # Keys whose absence would mean transformers' class defaults: rather than repeat
+    # those here, a config without them loads through transformers (transformers writes
+    # them all when it saves a Gemma 3).
+    stated = ("head_dim", "num_key_value_heads", "query_pre_attn_scalar", "rms_norm_eps")
+    if any(key not in raw for key in (*stated, "sliding_window", "max_position_embeddings")):
+        return None
     try:
         layers = int(raw["num_hidden_layers"])
         layer_types = tuple(raw["layer_types"])
@@ -113,25 +119,25 @@ def native_config(directory: str | Path) -> TextConfig | None:
         thetas = _rope_thetas(raw, layer_types)
         if thetas is None:
             return None
-        heads = int(raw["num_attention_heads"])
         softcap = raw.get("final_logit_softcapping")
+        window = raw["sliding_window"]
         return TextConfig(
             hidden_size=int(raw["hidden_size"]),
             intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads", heads)),
-            head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=int(raw["num_key_value_heads"]),
+            head_dim=int(raw["head_dim"]),
+            rms_norm_eps=float(raw["rms_norm_eps"]),
             vocab_size=int(raw["vocab_size"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
-            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
-            sliding_window=int(raw.get("sliding_window") or 4096),
+            max_position_embeddings=int(raw["max_position_embeddings"]),
+            query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]),
+            sliding_window=None if window is None else int(window),
             layer_types=layer_types,
             rope_thetas=thetas,
             final_logit_softcapping=None if softcap is None else float(softcap),
             pad_token_id=raw.get("pad_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
+            eos_token_id=_generation_eos(directory, raw.get("eos_token_id")),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
         )
     except (KeyError, TypeError, ValueError):
@@ -139,6 +145,17 @@ def native_config(directory: str | Path) -> TextConfig | None:
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _generation_eos(directory: Path, configured: Any) -> Any:
+    """The EOS ids generation stops at: generation_config.json's where it names them (a
+    chat model's end-of-turn token too), as transformers reads them, else config.json's."""
+    try:
+        generation = json.loads((directory / "generation_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return configured
+    found = generation.get("eos_token_id") if isinstance(generation, dict) else None
+    return configured if found is None else found
 
 
 class RMSNorm(nn.Module):
