@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.merged: dict[str, torch.Tensor] = {}
-        self._owner = [owner]  # in a list: not registered as a submodule (a cycle)
+        self._owner = weakref.ref(owner)  # not a submodule, and no reference cycle
 
     def add(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """Merge `adapter`'s A and B into a packed copy of W + scale * B @ A (PEFT's
@@ -136,7 +137,8 @@ class LoraLinear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         routes = packed.current_routes()
         if routes is None:
-            return self._product(inputs, self._owner[0].active_adapter)
+            owner = self._owner()
+            return self._product(inputs, None if owner is None else owner.active_adapter)
         if len(routes) == 1:
             return self._product(inputs, routes[0][1])
         out: torch.Tensor | None = None
