@@ -151,6 +151,24 @@ def test_native_lora_gives_peft_bits(gemma, tmp_path) -> None:  # noqa: ANN001
     assert alone["adapter1"] != alone[None] and alone["adapter2"] != alone[None]
 
 
+def test_a_plain_forward_takes_its_rows_from_a_left_padded_mask(gemma) -> None:  # noqa: ANN001
+    """Called as a transformers model is (input ids and a mask, no layout), each row of
+    a left-padded batch gets its bits alone; a mask that is not left padding is refused."""
+    from toxtests.engines.torch import packed
+
+    model = gemma3.load(gemma["base"])
+    packed.pack_linears(model)  # row-invariant products, as in the decode loop
+    ids = torch.tensor([[0, 0, 5, 9, 11], [2, 5, 9, 11, 4]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = [model(ids[:1, 2:]).logits[0], model(ids[1:]).logits[0]]
+        assert torch.equal(batch[0, 2:], alone[0]) and torch.equal(batch[1], alone[1])
+        with pytest.raises(ValueError, match="left-padded"):
+            model(ids, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+
+
 def test_adapters_the_native_path_cannot_apply_go_to_peft(gemma, tmp_path) -> None:  # noqa: ANN001
     """LoRA on the output layer (or DoRA, trained modules, ...) is PEFT's: the engine
     loads transformers for it, and attaching it to a native model says what to do."""

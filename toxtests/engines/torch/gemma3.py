@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class TextConfig:
     tie_word_embeddings: bool
     model_type: str = "gemma3_text"
     attn_logit_softcapping: None = None  # refused by `native_config`
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _rope_thetas(raw: dict[str, Any], layer_types: tuple[str, ...]) -> dict[str, float] | None:
