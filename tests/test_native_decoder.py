@@ -273,6 +273,33 @@ def test_generation_stops_at_the_eos_ids_transformers_would(gemma, tmp_path) -> 
     assert ours.eos_ids == theirs.eos_ids and 7 in ours.eos_ids
 
 
+def test_sharded_weights_and_a_saved_copy_of_a_tied_head_load_the_same_model(
+    gemma, tmp_path
+) -> None:  # noqa: ANN001
+    """Weights split over files with an index (as large checkpoints are), one of them
+    holding a copy of the tied output layer: the same model, tied to the embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_bytes((gemma["base"] / "config.json").read_bytes())
+    state = load_file(str(gemma["base"] / "model.safetensors"))
+    names = sorted(state)
+    halves = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
+    for file, part in halves.items():
+        tensors = {name: state[name] for name in part}
+        if file == "part-2.safetensors":
+            tensors["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(tensors, str(directory / file))
+    weight_map = {name: file for file, part in halves.items() for name in part}
+    index = {"metadata": {}, "weight_map": {**weight_map, "lm_head.weight": "part-2.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    whole, sharded = gemma3.load(gemma["base"]), gemma3.load(directory)
+    assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
+    for (name, a), (_, b) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_a_weight_the_config_does_not_describe_is_named(gemma, tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import load_file, save_file
 

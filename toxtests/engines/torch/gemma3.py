@@ -484,9 +484,10 @@ def load(directory: str | Path, config: TextConfig | None = None) -> CausalLM:
     for path in _weight_files(directory):
         state.update(load_file(str(path)))
     expected = {name: parameter for name, parameter in model.named_parameters()}
-    tied = config.tie_word_embeddings or "lm_head.weight" not in state
-    if tied:
+    tied = config.tie_word_embeddings
+    if tied:  # the output layer is the embedding matrix, whatever the file also holds
         expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if unexpected or missing:
