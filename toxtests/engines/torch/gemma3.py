@@ -285,24 +285,26 @@ class DecoderLayer(nn.Module):
         return residual + self.post_feedforward_layernorm(hidden)  # type: ignore[no-any-return]
 
 
+class _CacheNames:
+    """The KV cache under both names transformers has used for it."""
+
+    cache: KVCache | None
+
+    @property
+    def past_key_values(self) -> KVCache | None:
+        return self.cache
+
+
 @dataclass
-class DecoderOutput:
+class DecoderOutput(_CacheNames):
     last_hidden_state: torch.Tensor
     cache: KVCache | None
 
-    @property
-    def past_key_values(self) -> KVCache | None:
-        return self.cache
-
 
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(_CacheNames):
     logits: torch.Tensor
     cache: KVCache | None
-
-    @property
-    def past_key_values(self) -> KVCache | None:
-        return self.cache
 
 
 def layout_from_mask(attention_mask: torch.Tensor | None, rows: int, width: int) -> RowLayout:

@@ -139,16 +139,7 @@ class LoraLinear(nn.Module):
         if routes is None:
             owner = self._owner()
             return self._product(inputs, None if owner is None else owner.active_adapter)
-        if len(routes) == 1:
-            return self._product(inputs, routes[0][1])
-        out: torch.Tensor | None = None
-        for rows, adapter in routes:
-            part = self._product(inputs.index_select(0, rows), adapter)
-            if out is None:
-                out = part.new_empty((inputs.shape[0], *part.shape[1:]))
-            out.index_copy_(0, rows, part)
-        assert out is not None
-        return out
+        return packed.route(inputs, routes, self._product)
 
 
 def attach(model: Any, spec: str, adapter: str) -> None:

@@ -381,8 +381,23 @@ def mixable(model: torch.nn.Module, adapters: Sequence[str]) -> bool:
     return True
 
 
+def route(inputs: torch.Tensor, routes: Any, product: Any) -> torch.Tensor:
+    """Each route's rows through `product(rows, variant)`, put back in their places (one
+    call where a single route takes every row)."""
+    if len(routes) == 1:
+        return product(inputs, routes[0][1])  # type: ignore[no-any-return]
+    out: torch.Tensor | None = None
+    for rows, adapter in routes:
+        part = product(inputs.index_select(0, rows), adapter)
+        if out is None:
+            out = part.new_empty((inputs.shape[0], *part.shape[1:]))
+        out.index_copy_(0, rows, part)
+    assert out is not None
+    return out
+
+
 def _routed(module: Any, merged: dict[str, Any], inputs: torch.Tensor, routes: Any) -> Any:
-    """Each route's rows through its variant's weight, put back in their places."""
+    """Each route's rows through its variant's weight."""
     base = module.base_layer
 
     def product(rows: torch.Tensor, adapter: str | None) -> torch.Tensor:
@@ -390,15 +405,7 @@ def _routed(module: Any, merged: dict[str, Any], inputs: torch.Tensor, routes: A
             return base(rows)  # type: ignore[no-any-return]
         return linear(rows, merged[adapter][0], base.bias)
 
-    if len(routes) == 1:
-        return product(inputs, routes[0][1])
-    out: torch.Tensor | None = None
-    for rows, adapter in routes:
-        part = product(inputs.index_select(0, rows), adapter)
-        if out is None:
-            out = part.new_empty((inputs.shape[0], *part.shape[1:]))
-        out.index_copy_(0, rows, part)
-    return out
+    return route(inputs, routes, product)
 
 
 def _merged_forward(module: Any, merged: dict[str, Any]) -> Any:
