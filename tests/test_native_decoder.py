@@ -151,6 +151,46 @@ def test_native_lora_gives_peft_bits(gemma, tmp_path) -> None:  # noqa: ANN001
     assert alone["adapter1"] != alone[None] and alone["adapter2"] != alone[None]
 
 
+def test_an_adapter_is_merged_at_its_first_use_only(gemma, tmp_path) -> None:  # noqa: ANN001
+    """Attaching checks an adapter's sizes but merges nothing: a run whose rows of one
+    adapter are all cached never pays for its merge. The adapter generated for is merged
+    on the way, and its text is PEFT's (merged late, the same bits)."""
+    adapters = [str(gemma["changed"]), str(gemma["attention"])]
+    native, reference = _both(gemma["base"], adapters, tmp_path)
+    layers = [m for m in native.model.modules() if isinstance(m, lora.LoraLinear)]
+    assert layers and all(not layer.merged for layer in layers)
+    settings = GenerationConfig(max_new_tokens=6)
+    ours = Generator(native.model, native.tokenizer, settings, "cpu")
+    text = _texts(ours.generate(PROMPTS, "adapter1"))
+    theirs = Generator(reference.model, reference.tokenizer, settings, "cpu")
+    assert text == _texts(theirs.generate(PROMPTS, "adapter1"))
+    targeted = [layer for layer in layers if "adapter1" in layer.merged]
+    assert targeted and all("adapter1" not in layer.pending for layer in layers)
+    assert all("adapter0" in layer.pending and "adapter0" not in layer.merged for layer in layers)
+
+
+def test_the_native_decoder_needs_no_invariance_probe(gemma, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Its rows are invariant by construction (the tests above compare them bit for
+    bit), so the loop does not spend probe prefills on it; transformers' model still
+    gets them."""
+
+    def probe(self: Generator) -> bool:
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(Generator, "_rows_invariant", probe)
+    model = gemma3.load(gemma["base"])
+    generator = Generator(
+        model,
+        load_base(str(gemma["base"]), cache_dir=tmp_path, device="cpu").tokenizer,
+        GenerationConfig(),
+        "cpu",
+    )
+    assert generator.row_attention
+    reference = load_base(str(gemma["base"]), cache_dir=tmp_path, device="cpu", native=False)
+    with pytest.raises(AssertionError, match="probed"):
+        Generator(reference.model, reference.tokenizer, GenerationConfig(), "cpu")
+
+
 def test_a_plain_forward_takes_its_rows_from_a_left_padded_mask(gemma) -> None:  # noqa: ANN001
     """Called as a transformers model is (input ids and a mask, no layout), each row of
     a left-padded batch gets its bits alone; a mask that is not left padding is refused."""

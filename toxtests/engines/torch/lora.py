@@ -114,25 +114,47 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.merged: dict[str, torch.Tensor] = {}
+        # (A, B, scale) of adapters not merged yet: merged at their first product, so a
+        # run whose rows of an adapter are all cached never pays for its merge.
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._owner = weakref.ref(owner)  # not a submodule, and no reference cycle
 
     def add(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-        """Merge `adapter`'s A and B into a packed copy of W + scale * B @ A (PEFT's
-        `get_delta_weight` for a float32 layer, so the same bits)."""
+        """Take `adapter`'s A and B, checked against this layer's size, to merge into a
+        packed copy of W + scale * B @ A when the adapter is first used (`weight`)."""
         base = self.base_layer
-        if lora_a.shape[1] != base.in_features or lora_b.shape[0] != base.out_features:
+        if (
+            lora_a.dim() != 2
+            or lora_b.dim() != 2
+            or lora_a.shape[1] != base.in_features
+            or lora_b.shape[0] != base.out_features
+            or lora_a.shape[0] != lora_b.shape[1]
+        ):
             raise ValueError(
                 f"size mismatch: lora_A {tuple(lora_a.shape)} and lora_B "
                 f"{tuple(lora_b.shape)} for a {base.in_features} -> {base.out_features} layer"
             )
-        with torch.no_grad():
-            weight = base.weight + (lora_b.float() @ lora_a.float()) * scale
-        self.merged[adapter] = packed.pack(weight)
+        self.merged.pop(adapter, None)
+        self.pending[adapter] = (lora_a, lora_b, scale)
+
+    def weight(self, adapter: str) -> torch.Tensor | None:
+        """`adapter`'s packed merged weight, merged now if it was not yet (PEFT's
+        `get_delta_weight` for a float32 layer, so the same bits); None if the adapter
+        does not touch this layer."""
+        if adapter not in self.merged:
+            if adapter not in self.pending:
+                return None
+            lora_a, lora_b, scale = self.pending.pop(adapter)
+            with torch.no_grad():
+                weight = self.base_layer.weight + (lora_b.float() @ lora_a.float()) * scale
+            self.merged[adapter] = packed.pack(weight)
+        return self.merged[adapter]
 
     def _product(self, inputs: torch.Tensor, adapter: str | None) -> torch.Tensor:
-        if adapter is None or adapter not in self.merged:
+        merged = None if adapter is None else self.weight(adapter)
+        if merged is None:
             return self.base_layer(inputs)  # type: ignore[no-any-return]
-        return packed.linear(inputs, self.merged[adapter], self.base_layer.bias)
+        return packed.linear(inputs, merged, self.base_layer.bias)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         routes = packed.current_routes()

@@ -227,7 +227,11 @@ def main() -> None:
         try:
             kind, name, args, kwargs = _receive(stdin)
         except EOFError:
-            return
+            # The parent is done: exit now, without tearing down a 262k-token tokenizer
+            # and transformers (~0.2 s that a parent waiting on this process, or a caller
+            # reading its inherited stderr to the end, would wait for).
+            sys.stderr.flush()
+            os._exit(0)
         _send(stdout, _answer(tokenizer, kind, name, args, kwargs))
 
 
