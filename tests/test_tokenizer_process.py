@@ -144,3 +144,179 @@ def test_a_small_tokenizer_loads_here(tiny, tmp_path, monkeypatch) -> None:  # n
     loaded = load_base(str(tiny.base), cache_dir=tmp_path, device="cpu")
     assert not isinstance(loaded.tokenizer, TokenizerProcess)
     assert loaded.tokenizer.padding_side == "left"
+
+
+# --- kept tokenizers: loaded with `tokenizers` alone by later runs -------------------------
+
+
+def _keep(source: str, kept: Path, texts: list[str]) -> TokenizerProcess:
+    """A first run's child: encode `texts`, keep the tokenizer, answer one more call (which
+    reads the keep reply first), then end."""
+    first = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept))
+    first.wait_loaded()
+    assert first.loaded_from == "real" and not first.kept
+    for text in texts:
+        first(text)
+    first.keep_after_encoding()
+    first.decode([1, 2], skip_special_tokens=True)
+    first.close()
+    return first
+
+
+def _random_sequences(size: int, specials: list[int], count: int = 300) -> list[list[int]]:
+    import random
+
+    generator = random.Random(7)
+    return [
+        [
+            generator.choice(specials) if specials and generator.random() < 0.15 else
+            generator.randrange(size)
+            for _ in range(generator.randrange(1, 30))
+        ]
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def _same_answers(kept: TokenizerProcess, real, texts: list[str]) -> None:  # noqa: ANN001
+    """Every answer the decode loop asks for, from the kept child and from transformers."""
+    for text in texts:
+        assert kept(text)["input_ids"] == list(real(text)["input_ids"]), text
+    for ids in _random_sequences(len(real), list(real.all_special_ids)):
+        for skip in (True, False):
+            assert kept.decode(ids, skip_special_tokens=skip) == real.decode(
+                ids, skip_special_tokens=skip
+            )
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "padding_side"):
+        assert getattr(kept, name) == getattr(real, name), name
+    assert len(kept) == len(real)
+
+
+def test_a_kept_tokenizer_loads_without_transformers_and_answers_as_it(tiny, tmp_path) -> None:  # noqa: ANN001
+    """A run keeps its tokenizer (`keep_after_encoding`); the next loads the kept backend
+    (`loaded_from == "kept"`) and encodes, decodes and answers as transformers does, on
+    texts the first run never saw too; what it does not keep (the vocabulary) comes from
+    the real tokenizer, loaded then."""
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    kept_in = tmp_path / "kept"
+    _keep(str(tiny.base), kept_in, TEXTS[:2])
+    assert (kept_in / "kept.json").is_file() and (kept_in / "backend.json").is_file()
+    second = TokenizerProcess(str(tiny.base), {"local_files_only": True}, keep_in=str(kept_in))
+    assert second.kept
+    second.wait_loaded()
+    assert second.loaded_from == "kept"
+    real = load_padded_tokenizer(str(tiny.base), {"local_files_only": True})
+    _same_answers(second, real, TEXTS)
+    assert second.get_vocab() == real.get_vocab()  # loads the real one in the child
+    second.close()
+
+
+def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(
+    tiny, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """A kept backend whose bytes no longer match its checksum, an index of another
+    format, or TOXTESTS_KEPT_TOKENIZER=0: the child loads transformers' tokenizer, and
+    the answers are the same."""
+    import json
+
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    real = load_padded_tokenizer(str(tiny.base), {"local_files_only": True})
+    kept_in = tmp_path / "kept"
+    _keep(str(tiny.base), kept_in, TEXTS[:2])
+    backend, index = kept_in / "backend.json", kept_in / "kept.json"
+
+    def loaded_from() -> str | None:
+        child = TokenizerProcess(str(tiny.base), {"local_files_only": True}, keep_in=str(kept_in))
+        child.wait_loaded()
+        _same_answers(child, real, TEXTS[:3])
+        child.close()
+        return child.loaded_from
+
+    assert loaded_from() == "kept"
+    monkeypatch.setenv("TOXTESTS_KEPT_TOKENIZER", "0")
+    assert loaded_from() == "real"
+    monkeypatch.delenv("TOXTESTS_KEPT_TOKENIZER")
+    original = backend.read_bytes()
+    backend.write_bytes(original.replace(b'"', b"'", 1))
+    assert loaded_from() == "real"
+    backend.write_bytes(original)
+    index.write_text(json.dumps({**json.loads(index.read_text()), "format": 0}))
+    assert loaded_from() == "real"
+
+
+def test_a_tokenizer_transformers_decodes_otherwise_is_not_kept(tiny, tmp_path) -> None:  # noqa: ANN001
+    """Where transformers adds to its backend's decoding (cleaning up spaces) or a class
+    overrides a method between the call and the backend, nothing is kept: the reason is
+    returned and the folder stays empty."""
+    from toxtests.engines.torch.tokenizer_process import keep_tokenizer, load_padded_tokenizer
+
+    tokenizer = load_padded_tokenizer(str(tiny.base), {"local_files_only": True})
+    tokenizer.clean_up_tokenization_spaces = True
+    assert "cleans up" in keep_tokenizer(tokenizer, str(tmp_path / "a"), TEXTS)
+    assert not (tmp_path / "a").exists()
+
+    class Lower(type(tokenizer)):  # type: ignore[misc]
+        def decode(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            return super().decode(*args, **kwargs).lower()
+
+    tokenizer = load_padded_tokenizer(str(tiny.base), {"local_files_only": True})
+    tokenizer.__class__ = Lower
+    assert "overrides decode" in keep_tokenizer(tokenizer, str(tmp_path / "b"), TEXTS)
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_engine_keeps_the_tokenizer_for_the_next_gate(tiny, tmp_path) -> None:  # noqa: ANN001
+    """Two gates in one cache folder: the first's child keeps the tokenizer while it
+    generates; the second's loads it kept, and the texts are the first's."""
+    from toxtests.config import GenerationConfig
+    from toxtests.engines.base import EngineOptions
+    from toxtests.engines.torch.engine import TorchEngine
+    from toxtests.prompts import load_prompts
+
+    prompts = load_prompts(str(tiny.prompts)).prompts[:6]
+    settings = GenerationConfig(max_new_tokens=6)
+    options = EngineOptions(
+        model=str(tiny.base), adapters=(str(tiny.toxic),), cache_dir=tmp_path, device="cpu"
+    )
+    texts, sources = [], []
+    for _ in range(2):
+        engine = TorchEngine(options)
+        engine.describe()
+        early = engine._early_tokenizer
+        parent, toxic = engine.variants()
+        generated = engine.generate_together([(prompts, parent), (prompts, toxic)], settings)
+        texts.append([[g.text for g in row] for job in generated for row in job])
+        engine.close()
+        sources.append(early.loaded_from)
+    assert sources == ["real", "kept"]
+    assert texts[0] == texts[1]
+    assert list((tmp_path / "tokenizers").glob("*/kept.json"))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_kept_tokenizer_answers_as_transformers() -> None:
+    """The packaged Gemma 3 270M's tokenizer (262k tokens, byte fallback), kept after a
+    run on 64 RealToxicityPrompts: all 1800 prompts, challenging and non-toxic, encode
+    to the same ids, and random token sequences decode to the same text."""
+    import tempfile
+
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+    from toxtests.models import default_cache_dir, resolve_model
+    from toxtests.prompts import load_prompts
+
+    source, _, _ = resolve_model("gemma3-270m", default_cache_dir())
+    rtp = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp"
+    texts = [
+        p.text
+        for name in ("toxic.jsonl", "nontoxic.jsonl")
+        for p in load_prompts(str(rtp / name)).prompts
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        kept_in = Path(folder) / "kept"
+        _keep(source, kept_in, texts[:64])
+        second = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept_in))
+        second.wait_loaded()
+        assert second.loaded_from == "kept"
+        _same_answers(second, load_padded_tokenizer(source, {"local_files_only": True}), texts)
+        second.close()

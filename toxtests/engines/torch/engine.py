@@ -7,6 +7,7 @@ the same text by construction and the pairing needs no replay check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -189,23 +190,31 @@ class TorchEngine:
     def generator(self, settings: GenerationConfig, candidate: str | None = None) -> Any:
         """The decode loop for these settings on the resident model: probes and weight
         packing happen once per model."""
-        with self._cores_shared():
+        early = self._early_tokenizer  # the base's tokenizer, maybe loading (taken below)
+        with self._cores_shared(early):
             loaded = self._resident(candidate)
             if settings not in self._generators:
                 from toxtests.engines.torch.loop import Generator
 
+                if getattr(early, "kept", False):
+                    # Kept by an earlier run, it is about done loading (~1.2 s from the
+                    # start; the weights were mapped at ~1.3 s): the packing below then
+                    # has every core to itself.
+                    with contextlib.suppress(Exception):  # raised again at its first use
+                        early.wait_loaded()
                 self._generators[settings] = Generator(
                     loaded.model, loaded.tokenizer, settings, loaded.device
                 )
         return self._generators[settings]
 
     @contextmanager
-    def _cores_shared(self) -> Iterator[None]:
-        """One torch thread while the base's tokenizer may still be loading in its own
-        process: torch's threads wait for each other at every parallel region, and one of
-        two sharing a core with the tokenizer made the adapters' merge take 1.3 s instead
-        of 0.2 (Gemma 3 270M, 2 cores)."""
-        if self._early_tokenizer is None:
+    def _cores_shared(self, early: Any) -> Iterator[None]:
+        """One torch thread while the base's tokenizer (`early`) may still be loading in
+        its own process for seconds: torch's threads wait for each other at every
+        parallel region, and one of two sharing a core with the tokenizer made the
+        adapters' merge take 1.3 s instead of 0.2 (Gemma 3 270M, 2 cores). A kept
+        tokenizer (`tokenizer_process.KeptTokenizer`) is waited for instead."""
+        if early is None or getattr(early, "kept", False):
             yield
             return
         import torch

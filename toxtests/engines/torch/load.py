@@ -8,6 +8,9 @@ transformers or PEFT (~2 s of a small gate). Everything else loads through them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toxtests.engines.torch.tokenizer_process import (
+    KEPT_FORMAT,
     TokenizerProcess,
     TokenizerProcessError,
     TokenizerProcessExited,
@@ -73,13 +77,13 @@ def load_base(
     trust_remote_code: bool = False,
     revision: str | None = None,
     native: bool = True,
-    started_tokenizer: TokenizerProcess | None = None,
+    started_tokenizer: Any = None,
 ) -> LoadedModel:
     """Load the base model and tokenizer (left padding, a pad token guaranteed).
 
     `native`: the native decoder where it applies (`native_decoder_config`), else
     transformers'. `started_tokenizer`: this model's tokenizer, already loading in its
-    process (`prestart_tokenizer`)."""
+    process or kept (`prestart_tokenizer`)."""
     import torch
 
     cache_dir = cache_dir or default_cache_dir()
@@ -144,13 +148,42 @@ def prestart_tokenizer(
 ) -> TokenizerProcess | None:
     """The tokenizer of a local model starting to load in its process now, for
     `load_base(started_tokenizer=...)`: started before this process imports torch (~1 s),
-    it is ready when the native decoder is (Gemma 3's takes ~2.4 s to load). None where
-    the model is not local or its tokenizer is small. Close it if it goes unused."""
-    source, kind, _ = resolve_model(spec, cache_dir or default_cache_dir())
+    it is ready when the native decoder is (Gemma 3's takes ~2.4 s to load, ~1.2 s kept
+    by an earlier run: `tokenizer_process.keep_tokenizer`). None where the model is not
+    local or its tokenizer is small. Close it if it goes unused."""
+    cache_dir = cache_dir or default_cache_dir()
+    source, kind, fingerprint = resolve_model(spec, cache_dir)
     if kind == "hub":
         return None
     options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    return start_tokenizer(source, options)
+    return start_tokenizer(
+        source, options, keep_in=str(kept_directory(cache_dir, fingerprint, options))
+    )
+
+
+@functools.cache
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def kept_directory(cache_dir: Path, fingerprint: str, options: dict[str, Any]) -> Path:
+    """Where the tokenizer of the model with `fingerprint`, loaded with `options`, is
+    kept for later runs: every input that can change what it encodes names the folder."""
+    identity = json.dumps(
+        [
+            KEPT_FORMAT,
+            fingerprint,
+            _version("transformers"),
+            _version("tokenizers"),
+            sorted((str(k), str(v)) for k, v in options.items()),
+        ]
+    )
+    return cache_dir / "tokenizers" / hashlib.sha256(identity.encode()).hexdigest()[:24]
 
 
 def native_decoder_config(source: str, device: str, dtype: str) -> Any:
@@ -189,13 +222,16 @@ def _worth_a_child(source: str) -> bool:
     return found.is_file() and found.stat().st_size >= CHILD_TOKENIZER_BYTES
 
 
-def start_tokenizer(source: str, options: dict[str, Any]) -> TokenizerProcess | None:
+def start_tokenizer(
+    source: str, options: dict[str, Any], keep_in: str | None = None
+) -> TokenizerProcess | None:
     """The tokenizer loading in a child process where it is large; None where it is
-    small or no child can start (it then loads here, after the weights)."""
+    small or no child can start (it then loads here, after the weights). `keep_in`: where
+    the child keeps it for later runs (`TokenizerProcess`)."""
     if not _worth_a_child(source):
         return None
     try:
-        return TokenizerProcess(source, options)
+        return TokenizerProcess(source, options, keep_in=keep_in)
     except OSError as exc:
         notice(
             f"the tokenizer process could not start ({exc}); "

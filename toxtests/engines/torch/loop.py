@@ -332,6 +332,11 @@ class Generator:
         settings = self.settings
         limit = context_length(self.model)
         encoded = [encode_prompts(self.tokenizer, prompts, settings, limit) for prompts, _ in jobs]
+        # A tokenizer in its own process keeps itself for the next run meanwhile (`kept_
+        # tokenizer`), at the lowest priority, while this loop decodes.
+        keep = getattr(self.tokenizer, "keep_after_encoding", None)
+        if callable(keep):
+            keep()
         rows = [
             (job, i, j)
             for job, (prompts, _) in enumerate(jobs)
