@@ -320,3 +320,21 @@ def test_gemma3_270m_kept_tokenizer_answers_as_transformers() -> None:
         assert second.loaded_from == "kept"
         _same_answers(second, load_padded_tokenizer(source, {"local_files_only": True}), texts)
         second.close()
+
+
+def test_a_tokenizer_that_cannot_be_kept_still_answers(tiny, tmp_path) -> None:  # noqa: ANN001
+    """Keeping into a folder that cannot be made (a file stands in its way) fails in
+    the child; the run goes on with the same answers and nothing is kept."""
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    child = TokenizerProcess(
+        str(tiny.base), {"local_files_only": True}, keep_in=str(blocked / "kept")
+    )
+    child.wait_loaded()
+    child(TEXTS[0])
+    child.keep_after_encoding()
+    _same_answers(child, load_padded_tokenizer(str(tiny.base), {"local_files_only": True}), TEXTS)
+    child.close()
+    assert list(tmp_path.iterdir()) == [blocked]

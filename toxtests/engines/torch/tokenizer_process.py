@@ -313,9 +313,13 @@ def not_keepable(tokenizer: Any) -> str | None:
 def _atomic_write(path: str, payload: bytes) -> None:
     """`path` holds `payload` whole or is untouched (this child imports no toxtests)."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)  # left only where writing failed
 
 
 def keep_tokenizer(tokenizer: Any, directory: str, texts: list[str]) -> str | None:
