@@ -214,9 +214,10 @@ def test_a_kept_tokenizer_loads_without_transformers_and_answers_as_it(tiny, tmp
 def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(
     tiny, tmp_path, monkeypatch
 ) -> None:  # noqa: ANN001
-    """A kept backend whose bytes no longer match its checksum, an index of another
-    format, or TOXTESTS_KEPT_TOKENIZER=0: the child loads transformers' tokenizer, and
-    the answers are the same."""
+    """A kept decoder whose bytes no longer match their checksum, an index of another
+    format, or TOXTESTS_KEPT_TOKENIZER=0: the child loads transformers' tokenizer. A
+    damaged kept backend (read only for prompts the keeping run did not see) leaves those
+    prompts to the real tokenizer. The answers are the same every time."""
     import json
 
     from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
@@ -224,12 +225,12 @@ def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(
     real = load_padded_tokenizer(str(tiny.base), {"local_files_only": True})
     kept_in = tmp_path / "kept"
     _keep(str(tiny.base), kept_in, TEXTS[:2])
-    backend, index = kept_in / "backend.json", kept_in / "kept.json"
+    index = kept_in / "kept.json"
 
     def loaded_from() -> str | None:
         child = TokenizerProcess(str(tiny.base), {"local_files_only": True}, keep_in=str(kept_in))
         child.wait_loaded()
-        _same_answers(child, real, TEXTS[:3])
+        _same_answers(child, real, TEXTS)
         child.close()
         return child.loaded_from
 
@@ -237,10 +238,12 @@ def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(
     monkeypatch.setenv("TOXTESTS_KEPT_TOKENIZER", "0")
     assert loaded_from() == "real"
     monkeypatch.delenv("TOXTESTS_KEPT_TOKENIZER")
-    original = backend.read_bytes()
-    backend.write_bytes(original.replace(b'"', b"'", 1))
-    assert loaded_from() == "real"
-    backend.write_bytes(original)
+    for name, expected in (("backend.json", "kept"), ("decoder.json", "real")):
+        damaged = kept_in / name
+        original = damaged.read_bytes()
+        damaged.write_bytes(original.replace(b'"', b"'", 1))
+        assert loaded_from() == expected, name
+        damaged.write_bytes(original)
     index.write_text(json.dumps({**json.loads(index.read_text()), "format": 0}))
     assert loaded_from() == "real"
 
@@ -338,3 +341,66 @@ def test_a_tokenizer_that_cannot_be_kept_still_answers(tiny, tmp_path) -> None: 
     _same_answers(child, load_padded_tokenizer(str(tiny.base), {"local_files_only": True}), TEXTS)
     child.close()
     assert list(tmp_path.iterdir()) == [blocked]
+
+
+def _trained_tokenizer(directory: Path, kind: str) -> Path:
+    """A small real tokenizer of `kind` trained here and saved as transformers saves one:
+    a GPT-2 style byte-level BPE, a SentencePiece-style Unigram with byte fallback, or a
+    BERT-style WordPiece."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [*TEXTS, "the river ran past the garden and the house", "ﬁne 🙂 Ärger"] * 20
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    if kind == "byte-level-bpe":
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    elif kind == "unigram":
+        core = Tokenizer(models.Unigram())
+        core.pre_tokenizer = pre_tokenizers.Metaspace()
+        core.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=200, special_tokens=special, unk_token="<unk>", byte_fallback=True
+        )
+    else:
+        core = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        core.normalizer = normalizers.BertNormalizer(lowercase=True)
+        core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        core.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=special)
+    core.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["byte-level-bpe", "unigram", "wordpiece"])
+def test_kept_tokenizers_of_every_model_kind_answer_as_transformers(tmp_path, kind: str) -> None:
+    """Byte-level BPE, Unigram with byte fallback and WordPiece, each with a special
+    token transformers added: kept after encoding two texts, the kept child answers as
+    transformers on every text (the rest through the kept backend) and decodes random
+    sequences (special tokens, bytes that are not whole UTF-8 characters) the same."""
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    source = str(_trained_tokenizer(tmp_path / kind, kind))
+    kept_in = tmp_path / "kept"
+    _keep(source, kept_in, TEXTS[:2])
+    child = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept_in))
+    child.wait_loaded()
+    assert child.loaded_from == "kept"
+    _same_answers(child, load_padded_tokenizer(source, {"local_files_only": True}), TEXTS)
+    child.close()
