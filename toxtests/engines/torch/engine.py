@@ -197,9 +197,9 @@ class TorchEngine:
                 from toxtests.engines.torch.loop import Generator
 
                 if getattr(early, "kept", False):
-                    # Kept by an earlier run, it is about done loading (~1.2 s from the
-                    # start; the weights were mapped at ~1.3 s): the packing below then
-                    # has every core to itself.
+                    # Kept by an earlier run, it is about done loading (~0.4-1.5 s from
+                    # the start; the weights were mapped at ~1.3 s): the packing below
+                    # then has every core to itself.
                     with contextlib.suppress(Exception):  # raised again at its first use
                         early.wait_loaded()
                 self._generators[settings] = Generator(

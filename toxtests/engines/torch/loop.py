@@ -332,8 +332,8 @@ class Generator:
         settings = self.settings
         limit = context_length(self.model)
         encoded = [encode_prompts(self.tokenizer, prompts, settings, limit) for prompts, _ in jobs]
-        # A tokenizer in its own process keeps itself for the next run meanwhile (`kept_
-        # tokenizer`), at the lowest priority, while this loop decodes.
+        # A tokenizer in its own process keeps itself for the next run meanwhile, at the
+        # lowest priority, while this loop decodes (`tokenizer_process.keep_tokenizer`).
         keep = getattr(self.tokenizer, "keep_after_encoding", None)
         if callable(keep):
             keep()
