@@ -191,6 +191,17 @@ def _same_answers(kept: TokenizerProcess, real, texts: list[str]) -> None:  # no
     assert len(kept) == len(real)
 
 
+def _kept_answers_as_transformers(source: str, kept_in: Path, texts: list[str]) -> None:
+    """A new child finds the tokenizer kept in `kept_in` and answers as transformers."""
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    child = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept_in))
+    child.wait_loaded()
+    assert child.loaded_from == "kept"
+    _same_answers(child, load_padded_tokenizer(source, {"local_files_only": True}), texts)
+    child.close()
+
+
 def test_a_kept_tokenizer_loads_without_transformers_and_answers_as_it(tiny, tmp_path) -> None:  # noqa: ANN001
     """A run keeps its tokenizer (`keep_after_encoding`); the next loads the kept backend
     (`loaded_from == "kept"`) and encodes, decodes and answers as transformers does, on
@@ -304,7 +315,6 @@ def test_gemma3_270m_kept_tokenizer_answers_as_transformers() -> None:
     to the same ids, and random token sequences decode to the same text."""
     import tempfile
 
-    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
     from toxtests.models import default_cache_dir, resolve_model
     from toxtests.prompts import load_prompts
 
@@ -318,11 +328,7 @@ def test_gemma3_270m_kept_tokenizer_answers_as_transformers() -> None:
     with tempfile.TemporaryDirectory() as folder:
         kept_in = Path(folder) / "kept"
         _keep(source, kept_in, texts[:64])
-        second = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept_in))
-        second.wait_loaded()
-        assert second.loaded_from == "kept"
-        _same_answers(second, load_padded_tokenizer(source, {"local_files_only": True}), texts)
-        second.close()
+        _kept_answers_as_transformers(source, kept_in, texts)
 
 
 def test_a_tokenizer_that_cannot_be_kept_still_answers(tiny, tmp_path) -> None:  # noqa: ANN001
@@ -394,13 +400,8 @@ def test_kept_tokenizers_of_every_model_kind_answer_as_transformers(tmp_path, ki
     token transformers added: kept after encoding two texts, the kept child answers as
     transformers on every text (the rest through the kept backend) and decodes random
     sequences (special tokens, bytes that are not whole UTF-8 characters) the same."""
-    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
 
     source = str(_trained_tokenizer(tmp_path / kind, kind))
     kept_in = tmp_path / "kept"
     _keep(source, kept_in, TEXTS[:2])
-    child = TokenizerProcess(source, {"local_files_only": True}, keep_in=str(kept_in))
-    child.wait_loaded()
-    assert child.loaded_from == "kept"
-    _same_answers(child, load_padded_tokenizer(source, {"local_files_only": True}), TEXTS)
-    child.close()
+    _kept_answers_as_transformers(source, kept_in, TEXTS)

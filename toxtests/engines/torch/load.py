@@ -8,7 +8,6 @@ transformers or PEFT (~2 s of a small gate). Everything else loads through them.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toxtests.engines.base import package_version
 from toxtests.engines.torch.tokenizer_process import (
     KEPT_FORMAT,
     TokenizerProcess,
@@ -162,16 +162,6 @@ def prestart_tokenizer(
     )
 
 
-@functools.cache
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""
-
-
 def kept_directory(cache_dir: Path, fingerprint: str, options: dict[str, Any]) -> Path:
     """Where the tokenizer of the model with `fingerprint`, loaded with `options`, is
     kept for later runs: every input that can change what it encodes names the folder."""
@@ -179,8 +169,8 @@ def kept_directory(cache_dir: Path, fingerprint: str, options: dict[str, Any]) -
         [
             KEPT_FORMAT,
             fingerprint,
-            _version("transformers"),
-            _version("tokenizers"),
+            package_version("transformers"),
+            package_version("tokenizers"),
             sorted((str(k), str(v)) for k, v in options.items()),
         ]
     )
