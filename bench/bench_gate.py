@@ -522,8 +522,13 @@ def report_bound(  # noqa: PLR0913
     figures["matmul_bound_tokens_per_s"] = bound
 
 
-def report_head(model) -> dict[int, float]:  # noqa: ANN001
-    by_rows = head_by_rows(model)
+def report_head(model, prompts: int) -> dict[int, float]:  # noqa: ANN001
+    """The head at 128 and 256 rows (the small workload's batches) and at the rows of
+    the default workload's batches (free memory decides them)."""
+    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
+
+    start, end = balanced_batches(prompts, auto_batch_size(model, "cpu"))[0]
+    by_rows = head_by_rows(model, tuple(sorted({128, 256, end - start})))
     if by_rows:
         print(
             "output head as a decode step runs it (every chunk read once a step): "
@@ -654,7 +659,10 @@ def main() -> None:
     parser.add_argument(
         "--head-only",
         action="store_true",
-        help="measure only the output head's throughput at 128 and 256 rows",
+        help=(
+            "measure only the output head's throughput at 128 and 256 rows and at the "
+            "default workload's batch rows"
+        ),
     )
     parser.add_argument(
         "--bound-only",
@@ -691,7 +699,7 @@ def main() -> None:
         report_invariance(prompts, args, {})
         return
     if args.head_only:
-        report_head(load_base("gemma3-270m").model)
+        report_head(load_base("gemma3-270m").model, len(prompts))
         return
     if args.samples_only:
         report_samples(prompts, args, {})
@@ -721,7 +729,7 @@ def main() -> None:
         generated = 2 * len(prompts) * args.new_tokens
         report_bound(rates, len(prompts), prompt_tokens, generated, ceiling, None, {})
         return
-    by_rows = report_head(loaded.model)
+    by_rows = report_head(loaded.model, len(prompts))
     del loaded
 
     scorer = load_scorer("profanity-check")

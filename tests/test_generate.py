@@ -258,6 +258,8 @@ def test_balanced_batches_cover_the_rows_in_as_few_even_batches(count: int, larg
         ([128, 128], 256, True),  # one batch of 256 instead of two of 128
         ([100, 100], 256, True),  # an early-stopping look's shard of 100 prompts
         ([900, 900], 256, False),  # 8 batches of 225 either way
+        ([900, 900], 512, False),  # 4 batches of 450 either way
+        ([256, 256], 512, True),  # one batch of 512 instead of two of 256
         ([150, 150], 256, False),  # 2 batches of 150 either way
         ([128, 0], 256, False),  # one variant: nothing to share
         ([40, 40, 18], 16, True),  # 7 batches instead of 3 + 3 + 2
