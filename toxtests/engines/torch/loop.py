@@ -52,10 +52,8 @@ def context_length(model: Any) -> int:
 
 # The widest CPU batch: each decode step re-reads every weight (the output head's 671 MB
 # on Gemma 3 270M), so wide batches pay, up to where a step's (rows x vocab) logits and
-# the KV cache cost more in memory traffic than the shared reads save. Measured on Gemma
-# 3 270M (Intel Xeon, 2 threads, 900 prompts, alternated in one process, 2026-12-07):
-# batches of 450 rows generated 6-9% more tokens/s than batches of 225 (311-328 against
-# 293-308); 600 and 900 rows were no faster than 450, and 900 took 3 GB more memory.
+# the KV cache cost more in memory traffic than the shared reads save. On Gemma 3 270M,
+# 450-row batches beat 225-row ones and wider ones did not beat 450 (README, *Speed*).
 CPU_MAX_ROWS = 512
 
 
@@ -109,10 +107,10 @@ def auto_batch_size(model: Any, device: str) -> int:
         return int(max(8, min(256, free // (512 << 20))))
     # A row holds a (vocab,) float32 buffer at each step (logits, then probabilities in
     # place), the chunk being projected and the nucleus scratch: three vocabularies of
-    # floats; keep them within an eighth of the free memory. Measured with its KV cache,
-    # prefill activations and the heap kept between steps, a row of Gemma 3 270M took
-    # ~6.8 MB (peak RSS at 450 rows against 225), so a batch stays within about a
-    # quarter of what is free.
+    # floats; keep them within an eighth of the free memory. With its KV cache, prefill
+    # activations and the heap kept between steps a row takes about twice that (peak RSS
+    # at 450 rows against 225 on Gemma 3 270M), so a batch stays within about a quarter
+    # of what is free.
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     per_row = 3 * 4 * max(vocab, 32_000)
     free = available_memory()
