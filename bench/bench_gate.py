@@ -132,14 +132,20 @@ def linear_gflops(shape: tuple[int, int], rows: int, repeats: int = 5) -> float:
     return best
 
 
+def batch_rows(model, prompts: int) -> int:  # noqa: ANN001
+    """Rows of the first decode batch of one variant on `prompts` prompts, as free memory
+    sizes it here (`toxtests.engines.torch.loop.auto_batch_size`)."""
+    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
+
+    start, end = balanced_batches(prompts, auto_batch_size(model, "cpu"))[0]
+    return end - start
+
+
 def product_rates(model, prompts: int) -> dict:  # noqa: ANN001
     """The measured rates `matmul_bound` needs, for a first gate on `prompts` prompts:
     the decode batch's rows, the output head's GFLOP/s at those rows, and each decoder
     layer shape's count with its GFLOP/s at those rows and in a 2048-row prefill."""
-    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
-
-    start, end = balanced_batches(prompts, auto_batch_size(model, "cpu"))[0]
-    rows = end - start
+    rows = batch_rows(model, prompts)
     return {
         "rows": rows,
         "head": max(head_by_rows(model, (rows,)).values()),
@@ -525,10 +531,7 @@ def report_bound(  # noqa: PLR0913
 def report_head(model, prompts: int) -> dict[int, float]:  # noqa: ANN001
     """The head at 128 and 256 rows (the small workload's batches) and at the rows of
     the default workload's batches (free memory decides them)."""
-    from toxtests.engines.torch.loop import auto_batch_size, balanced_batches
-
-    start, end = balanced_batches(prompts, auto_batch_size(model, "cpu"))[0]
-    by_rows = head_by_rows(model, tuple(sorted({128, 256, end - start})))
+    by_rows = head_by_rows(model, tuple(sorted({128, 256, batch_rows(model, prompts)})))
     if by_rows:
         print(
             "output head as a decode step runs it (every chunk read once a step): "
