@@ -1,6 +1,6 @@
 """The native top-p tail (`toxtests.engines.torch.native`): the same nucleus and the same
-draws as an exact float64 reference, whatever the chunking, and a clean way out where it cannot
-build."""
+draws as an exact float64 reference, whatever the chunking, the same bits from every
+build (AVX-512, AVX2, portable C), and a clean way out where it cannot build."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from toxtests.engines.torch import native, nucleus
 from toxtests.engines.torch.sampling import _nucleus_pick, sample_logit_chunks, sample_tokens
 
 pytestmark = pytest.mark.skipif(
-    native.load() is None, reason="the native kernel needs an AVX-512 CPU and a C compiler"
+    native.load() is None,
+    reason="the native kernel needs a C compiler and a CPU it builds for (AVX2 on x86)",
 )
 
 VOCAB = 40_000
@@ -127,6 +128,54 @@ def test_rows_beyond_the_ladder_fall_back_to_the_torch_sampler() -> None:
     got = sample_logit_chunks(chunks, uniforms, 1.0, 0.9)
     assert torch.equal(got[:3], sample_tokens(logits[:3], uniforms[:3], top_p=0.9))
     assert torch.equal(got[3:], torch.from_numpy(raw[3:]))
+
+
+def _hard_logits(generator: torch.Generator) -> torch.Tensor:
+    """Rows through every branch of the kernel: the usual spreads; the first blocks all
+    -inf (a NaN the exponential's clamp absorbs) and -inf holes; spreads that put most
+    exponents below -87; ties everywhere; a maximum that grows in every block (the
+    normaliser rescaled each time); one token far above the rest."""
+    masked = torch.randn(4, VOCAB, generator=generator) * 4
+    masked[:, :200] = -float("inf")
+    masked[:, 5000:9000:3] = -float("inf")
+    wide = torch.randn(4, VOCAB, generator=generator) * 60
+    ties = torch.round(torch.randn(4, VOCAB, generator=generator) * 4)
+    rising = torch.linspace(-40.0, 12.0, VOCAB).expand(4, -1) + torch.rand(
+        4, VOCAB, generator=generator
+    )
+    spike = torch.randn(4, VOCAB, generator=generator)
+    spike[:, 31_337] = 40.0
+    return torch.cat([_logits(generator), masked, wide, ties, rising, spike])
+
+
+@pytest.mark.skipif(
+    native.flavour() == "portable", reason="this CPU runs the portable build: nothing to compare"
+)
+def test_this_cpus_build_has_the_portable_builds_bits(tmp_path: Path) -> None:
+    """The vector build this CPU runs (AVX-512 or AVX2) against the portable C one, the
+    reference every build is held to: the same probabilities bit for bit, so the same
+    rungs and draws from the same logits on every kind of CPU."""
+    cc = native.compiler()
+    assert cc is not None
+    portable = native.build_flavour(tmp_path, cc, "portable")
+    vector = native.build_flavour(tmp_path, cc, str(native.flavour()))
+    assert (portable.top_p_flavour(), vector.top_p_flavour()) == (
+        b"portable",
+        str(native.flavour()).encode(),
+    )
+    generator = torch.Generator().manual_seed(5)
+    logits = _hard_logits(generator)
+    chunks = _chunks(logits, UNEVEN)
+    for temperature, top_p in [(1.0, 0.9), (0.7, 0.5), (1.3, 0.99), (1.0, 0.3)]:
+        got = native.top_p_candidates(chunks, 1.0 / temperature, top_p, 2, library=vector)
+        want = native.top_p_candidates(chunks, 1.0 / temperature, top_p, 2, library=portable)
+        assert got[2].any() and not got[2].all()
+        for mine, reference in zip(got, want, strict=True):
+            assert mine.dtype == reference.dtype and mine.tobytes() == reference.tobytes()
+        uniforms = torch.rand(logits.shape[0], generator=generator).numpy()
+        drawn = native.top_p_sample(chunks, 1.0 / temperature, top_p, uniforms, library=vector)
+        expected = native.top_p_sample(chunks, 1.0 / temperature, top_p, uniforms, library=portable)
+        assert np.array_equal(drawn, expected)
 
 
 def test_masked_tokens_are_never_drawn() -> None:

@@ -1,5 +1,5 @@
-"""The top-p sampling tail in native code, compiled on first use (AVX-512 CPUs with a C
-compiler), read straight from the output head's logit chunks.
+"""The top-p sampling tail in native code, compiled on first use (a C compiler is
+needed), read straight from the output head's logit chunks.
 
 On Gemma 3 the tail of a CPU decoding step (copying the head's chunks into one logits
 buffer, the softmax, block maxima, the nucleus) reads and writes the (rows x 262k)
@@ -11,9 +11,16 @@ picks the rungs `toxtests.engines.torch.nucleus` picks; its probabilities come f
 own vectorised exponential (within ~1.4 ulp of exp, the normaliser summed in double): closer to a
 float64 softmax than torch's float32 one, equal to it only to float rounding.
 
+The source builds for the CPU at hand (`flavour`): AVX-512, AVX2 with FMA, or portable
+C on other architectures, all with the same bits (the portable build is the reference
+the tests hold the others to): the same logits give the same draws on any of them, so
+the sampler is "native" on all and the instruction set never splits a cache. An x86
+CPU without AVX2 keeps the torch + numba path: portable C without hardware FMA would be
+slower than it.
+
 The library is built once per source, compiler and flags into the cache directory
-(written atomically) and loaded with ctypes; without a compiler, AVX-512 or a writable
-cache, `load()` returns None and generation keeps the torch + numba path.
+(written atomically) and loaded with ctypes; without a compiler, a flavour for this CPU
+or a writable cache, `load()` returns None and generation keeps the torch + numba path.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +41,13 @@ from typing import Any
 import numpy as np
 
 SOURCE = Path(__file__).with_name("native") / "top_p.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512dq", "-mfma", "-shared", "-fPIC")
+# Every build: no contraction into FMAs the source does not ask for (same bits in all).
+COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+FLAVOURS = {
+    "avx512": ("-mavx512f", "-mavx512dq", "-mfma", *COMMON_FLAGS),
+    "avx2": ("-mavx2", "-mfma", *COMMON_FLAGS),
+    "portable": COMMON_FLAGS,
+}
 DISABLE_ENV = "TOXTESTS_NO_NATIVE"
 
 _library: ctypes.CDLL | None = None
@@ -43,15 +57,20 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU runs AVX-512 (F, DQ) code, as torch's dispatcher sees it."""
+def flavour() -> str | None:
+    """The build this CPU runs ("avx512", "avx2" or "portable"), as torch's dispatcher
+    sees x86 CPUs; None for an x86 CPU without AVX2 and FMA."""
     import torch
 
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "portable"
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # pragma: no cover - torch < 2.1
-        return False
-    return capability.startswith("AVX512")
+        return None
+    if capability.startswith("AVX512"):
+        return "avx512"
+    return "avx2" if capability.startswith("AVX2") else None
 
 
 def compiler() -> str | None:
@@ -79,7 +98,9 @@ def _cpu_model() -> str:
         return ""
 
 
-def build(cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+def build(
+    cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAVOURS["portable"]
+) -> Path:
     """Compile `source` into the cache (once per source, flags, compiler and, for a
     native-architecture build, CPU)."""
     target = _library_path(cache_dir, cc, source, flags)
@@ -111,7 +132,8 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _library
         _tried = True
-        if os.environ.get(DISABLE_ENV) or not cpu_supported():
+        kind = None if os.environ.get(DISABLE_ENV) else flavour()
+        if kind is None:
             return None
         cc = compiler()
         if cc is None:
@@ -119,8 +141,7 @@ def load() -> ctypes.CDLL | None:
         from toxtests.models import default_cache_dir
 
         try:
-            library = ctypes.CDLL(str(build(default_cache_dir(), cc)))
-            _declare(library)
+            library = build_flavour(default_cache_dir(), cc, kind)
         except (OSError, RuntimeError, AttributeError) as exc:
             warnings.warn(
                 f"toxtests: the native top-p kernel is unavailable ({exc}); sampling keeps "
@@ -133,8 +154,18 @@ def load() -> ctypes.CDLL | None:
         return library
 
 
+def build_flavour(cache_dir: Path, cc: str, kind: str) -> ctypes.CDLL:
+    """The `kind` build of the kernel (a key of FLAVOURS), compiled into `cache_dir` and
+    loaded: `load()` takes this CPU's, tests the portable one beside it."""
+    library = ctypes.CDLL(str(build(cache_dir, cc, flags=FLAVOURS[kind])))
+    _declare(library)
+    return library
+
+
 def _declare(library: ctypes.CDLL) -> None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.top_p_flavour.restype = ctypes.c_char_p
+    library.top_p_flavour.argtypes = []
     library.top_p_candidates.restype = ctypes.c_int
     library.top_p_candidates.argtypes = [
         pointer, pointer, ctypes.c_int32, i64, i64, ctypes.c_float, pointer,
@@ -206,24 +237,30 @@ def _split(run: Any, rows: int, threads: int) -> None:
         raise MemoryError("the native top-p kernel could not allocate its scratch memory")
 
 
-def _loaded() -> ctypes.CDLL:
-    library = load()
+def _loaded(library: ctypes.CDLL | None = None) -> ctypes.CDLL:
+    library = library or load()
     if library is None:
         raise RuntimeError("the native top-p kernel is not available here")
     return library
 
 
-def top_p_sample(
-    chunks: list[Any], scale: float, top_p: float, uniforms: Any, threads: int = 1
+def top_p_sample(  # noqa: PLR0913
+    chunks: list[Any],
+    scale: float,
+    top_p: float,
+    uniforms: Any,
+    threads: int = 1,
+    library: ctypes.CDLL | None = None,
 ) -> np.ndarray:
     """One token per row, drawn from the top-p nucleus of softmax(logits * scale) with
     the row's uniform exactly as `toxtests.engines.torch.sampling._nucleus_pick` draws it; -1 for a
     row no rung covers (the caller samples it another way).
 
     `chunks`: the logits as column chunks, contiguous float32 CPU tensors of the same
-    rows in vocabulary order (`OutputHead.logit_chunks`).
+    rows in vocabulary order (`OutputHead.logit_chunks`). `library`: another build than
+    this CPU's (`build_flavour`).
     """
-    library = _loaded()
+    library = _loaded(library)
     layout = _Rows(chunks, scale, top_p)
     draws = np.ascontiguousarray(np.asarray(uniforms, dtype=np.float32))
     if draws.shape != (layout.rows,):
@@ -244,12 +281,16 @@ def top_p_sample(
 
 
 def top_p_candidates(
-    chunks: list[Any], scale: float, top_p: float, threads: int = 1
+    chunks: list[Any],
+    scale: float,
+    top_p: float,
+    threads: int = 1,
+    library: ctypes.CDLL | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(values, ids, found, rungs): `toxtests.engines.torch.nucleus.nucleus_candidates`'s result for
     softmax(logits * scale), plus each row's chosen rung (-1: none); for tests and
     comparisons, `top_p_sample` is the hot path."""
-    library = _loaded()
+    library = _loaded(library)
     layout = _Rows(chunks, scale, top_p)
     rows, room = layout.rows, layout.room
     values = np.empty(rows * room, dtype=np.float32)
