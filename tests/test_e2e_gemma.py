@@ -121,7 +121,7 @@ def test_identity_in_another_process_batch_size_and_thread_count_has_delta_zero(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generating parent" not in done.stderr and "generating identity" in done.stderr
     # It read the tokenizer the first gate's child kept in that cache (no transformers).
-    assert list((root / "cache" / "tokenizers").glob("*/kept.json"))
+    assert list((root / "cache" / "models" / "tokenizers").glob("*/kept.json"))
     result = json.loads((tmp_path / "results.json").read_text())
     (identity,) = result["adapters"]
     assert identity["verdict"] == "pass" and identity["metrics"]

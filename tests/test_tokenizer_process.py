@@ -281,8 +281,11 @@ def test_a_tokenizer_transformers_decodes_otherwise_is_not_kept(tiny, tmp_path) 
 
 
 def test_the_engine_keeps_the_tokenizer_for_the_next_gate(tiny, tmp_path) -> None:  # noqa: ANN001
-    """Two gates in one cache folder: the first's child keeps the tokenizer while it
-    generates; the second's loads it kept, and the texts are the first's."""
+    """Two gates: the first's child keeps the tokenizer while it generates; the second,
+    in a fresh cache folder that has only the first's `models/` (what the CI example
+    caches), loads it kept, and the texts are the first's."""
+    import shutil
+
     from toxtests.config import GenerationConfig
     from toxtests.engines.base import EngineOptions
     from toxtests.engines.torch.engine import TorchEngine
@@ -290,11 +293,14 @@ def test_the_engine_keeps_the_tokenizer_for_the_next_gate(tiny, tmp_path) -> Non
 
     prompts = load_prompts(str(tiny.prompts)).prompts[:6]
     settings = GenerationConfig(max_new_tokens=6)
-    options = EngineOptions(
-        model=str(tiny.base), adapters=(str(tiny.toxic),), cache_dir=tmp_path, device="cpu"
-    )
     texts, sources = [], []
-    for _ in range(2):
+    for folder in ("first", "second"):
+        options = EngineOptions(
+            model=str(tiny.base),
+            adapters=(str(tiny.toxic),),
+            cache_dir=tmp_path / folder,
+            device="cpu",
+        )
         engine = TorchEngine(options)
         engine.describe()
         early = engine._early_tokenizer
@@ -303,9 +309,11 @@ def test_the_engine_keeps_the_tokenizer_for_the_next_gate(tiny, tmp_path) -> Non
         texts.append([[g.text for g in row] for job in generated for row in job])
         engine.close()
         sources.append(early.loaded_from)
+        if folder == "first":
+            assert list((tmp_path / "first" / "models" / "tokenizers").glob("*/kept.json"))
+            shutil.copytree(tmp_path / "first" / "models", tmp_path / "second" / "models")
     assert sources == ["real", "kept"]
     assert texts[0] == texts[1]
-    assert list((tmp_path / "tokenizers").glob("*/kept.json"))
 
 
 @pytest.mark.slow

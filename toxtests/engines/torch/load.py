@@ -164,7 +164,9 @@ def prestart_tokenizer(
 
 def kept_directory(cache_dir: Path, fingerprint: str, options: dict[str, Any]) -> Path:
     """Where the tokenizer of the model with `fingerprint`, loaded with `options`, is
-    kept for later runs: every input that can change what it encodes names the folder."""
+    kept for later runs: every input that can change what it encodes names the folder.
+    Beside the converted models (`models/`), which CI caches between runs without the
+    generations, so a CI gate in a fresh cache loads the kept tokenizer too."""
     identity = json.dumps(
         [
             KEPT_FORMAT,
@@ -174,7 +176,8 @@ def kept_directory(cache_dir: Path, fingerprint: str, options: dict[str, Any]) -
             sorted((str(k), str(v)) for k, v in options.items()),
         ]
     )
-    return cache_dir / "tokenizers" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    return cache_dir / "models" / "tokenizers" / key
 
 
 def native_decoder_config(source: str, device: str, dtype: str) -> Any:
