@@ -24,9 +24,21 @@
 #include <string.h>
 
 #define LANES 16
+#define GROUPS 4 /* query heads summed side by side */
+/* How many independent sums run side by side, sized to the vector registers: AVX-512
+ * holds a LANES value in one of its 32; with AVX2 it takes two of 16, and the AVX-512
+ * sizes spilled (an AMD EPYC with AVX2, 450 rows x 4 heads x 40 positions: 18.4-20.2 ms
+ * a decode step, 9.2-10.3 ms with the smaller sizes, the same bits). Which sums run
+ * side by side changes no sum's order, so no bit. */
+#if defined(__AVX512F__)
 #define POSITIONS 8 /* key positions scored side by side */
-#define GROUPS 4    /* query heads summed side by side */
 #define BLOCKS 2    /* blocks of LANES value columns summed side by side */
+#define SHARED 4    /* key positions of grouped_dots */
+#else
+#define POSITIONS 4
+#define BLOCKS 1
+#define SHARED 1
+#endif
 
 /* LANES floats as one value (GCC and clang vector extensions): elementwise IEEE
  * arithmetic, whatever registers the compiler maps it to. */
@@ -93,7 +105,6 @@ static inline void dots(const float *a, const float *keys, int64_t stride, int64
 /* dots(...) for GROUPS queries at once over SHARED positions: out[g * length + p] =
  * dot(queries + g * dim, keys + p * stride, n); each key row is read once for all the
  * queries of its key-value head instead of once a query. */
-#define SHARED 4
 static inline void grouped_dots(const float *queries, int64_t dim, const float *keys,
                                 int64_t stride, int64_t n, float *out, int64_t length) {
     lanes_t acc[GROUPS][SHARED];
