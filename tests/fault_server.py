@@ -206,12 +206,19 @@ class FaultServer:
                     reply.pop("usage", None)
                 if fault not in ("ok", "slow", "truncated"):
                     payload = json.dumps(reply).encode()
+                if server.die_after is None:
+                    with server._lock:
+                        server.completions += 1
+                    self._send(200, payload)
+                    return
+                # Dying after exactly N answers: count, answer and exit under the lock, or
+                # a concurrent handler slips an answer out between the Nth and the exit.
                 with server._lock:
-                    server.completions += 1
-                    dying = server.die_after is not None and server.completions >= server.die_after
-                self._send(200, payload)
-                if dying:
-                    os._exit(1)  # the server dies: every other connection drops
+                    if server.completions < server.die_after:
+                        server.completions += 1
+                        self._send(200, payload)
+                    if server.completions >= server.die_after:
+                        os._exit(1)  # the server dies: every other connection drops
 
         return Handler
 
