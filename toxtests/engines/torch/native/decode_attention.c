@@ -27,28 +27,88 @@
 #define GROUPS 4 /* query heads summed side by side */
 /* How many independent sums run side by side, sized to the vector registers: AVX-512
  * holds a LANES value in one of its 32; with AVX2 it takes two of 16, and the AVX-512
- * sizes spilled (an AMD EPYC with AVX2, 450 rows x 4 heads x 40 positions: 18.4-20.2 ms
- * a decode step, 9.2-10.3 ms with the smaller sizes, the same bits). Which sums run
- * side by side changes no sum's order, so no bit. */
+ * sizes spilled (an AMD EPYC with AVX2, 450 rows x 4 heads x 40 positions, one thread:
+ * 18.4-20.2 ms a decode step with them, 9.2-10.3 ms with one block and one shared
+ * position, 3.6-3.9 ms once lanes_t became two 8-float halves, with two blocks). Which
+ * sums run side by side changes no sum's order, so no bit. */
 #if defined(__AVX512F__)
 #define POSITIONS 8 /* key positions scored side by side */
 #define BLOCKS 2    /* blocks of LANES value columns summed side by side */
 #define SHARED 4    /* key positions of grouped_dots */
 #else
 #define POSITIONS 4
-#define BLOCKS 1
+#define BLOCKS 2
 #define SHARED 1
 #endif
 
-/* LANES floats as one value (GCC and clang vector extensions): elementwise IEEE
- * arithmetic, whatever registers the compiler maps it to. */
+/* LANES floats as one value, with the few operations the kernel needs: elementwise IEEE
+ * arithmetic, whatever registers the compiler maps it to. With AVX-512 (or no AVX2) a
+ * GCC / clang vector of LANES floats; with AVX2 two vectors of 8 (one register each):
+ * GCC took a 64-byte vector's lane shuffles through memory there, and kept the sums of
+ * several positions on the stack. Every lane gets the same operations either way. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+typedef float half_t __attribute__((vector_size(8 * sizeof(float))));
+typedef struct {
+    half_t lo, hi;
+} lanes_t;
+
+static inline lanes_t zero(void) {
+    lanes_t v = {{0}, {0}};
+    return v;
+}
+
+static inline lanes_t load(const float *p) {
+    lanes_t v;
+    memcpy(&v.lo, p, sizeof v.lo);
+    memcpy(&v.hi, p + 8, sizeof v.hi);
+    return v;
+}
+
+static inline void store(float *p, lanes_t v) {
+    memcpy(p, &v.lo, sizeof v.lo);
+    memcpy(p + 8, &v.hi, sizeof v.hi);
+}
+
+/* acc + a * b, and acc + w * b */
+static inline lanes_t mul_add(lanes_t acc, lanes_t a, lanes_t b) {
+    acc.lo += a.lo * b.lo;
+    acc.hi += a.hi * b.hi;
+    return acc;
+}
+
+static inline lanes_t scale_add(lanes_t acc, float w, lanes_t b) {
+    acc.lo += w * b.lo;
+    acc.hi += w * b.hi;
+    return acc;
+}
+
+/* lane l += lane l + width for l < width, width 8, 4, 2, 1; lane 0 */
+static inline float tree(lanes_t v) {
+    half_t eight = v.lo + v.hi;
+    __m256 e;
+    memcpy(&e, &eight, sizeof e);
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
+    __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    __m128 one = _mm_add_ss(two, _mm_shuffle_ps(two, two, 1));
+    return _mm_cvtss_f32(one);
+}
+#else
 typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline lanes_t zero(void) { return (lanes_t){0}; }
 
 static inline lanes_t load(const float *p) {
     lanes_t v;
     memcpy(&v, p, sizeof v);
     return v;
 }
+
+static inline void store(float *p, lanes_t v) { memcpy(p, &v, sizeof v); }
+
+static inline lanes_t mul_add(lanes_t acc, lanes_t a, lanes_t b) { return acc + a * b; }
+
+static inline lanes_t scale_add(lanes_t acc, float w, lanes_t b) { return acc + w * b; }
 
 #if defined(__clang__)
 #define HALVES(v, h)                                                                        \
@@ -61,30 +121,36 @@ typedef int32_t lane_index_t __attribute__((vector_size(LANES * sizeof(int32_t))
                                         h + 7, 8, 9, 10, 11, 12, 13, 14, 15})
 #endif
 
-/* The lanes' sum in a fixed pairwise order, the tail's products (tail < LANES) first
- * added into lanes 0..tail: lane l += lane l + width for l < width, width 8, 4, 2, 1
- * (with vector shuffles: the other lanes' sums are never read). */
-static inline float lane_sum(lanes_t v, const float *tail_a, const float *tail_b,
-                             int64_t tail) {
-    if (tail) {
-        float lanes[LANES];
-        memcpy(lanes, &v, sizeof lanes);
-        for (int64_t l = 0; l < tail; l++) lanes[l] += tail_a[l] * tail_b[l];
-        memcpy(&v, lanes, sizeof lanes);
-    }
+/* lane l += lane l + width for l < width, width 8, 4, 2, 1 (the other lanes' sums are
+ * never read); lane 0 */
+static inline float tree(lanes_t v) {
     v += HALVES(v, 8);
     v += HALVES(v, 4);
     v += HALVES(v, 2);
     v += HALVES(v, 1);
     return v[0];
 }
+#endif
+
+/* The lanes' sum in a fixed pairwise order (tree), the tail's products (tail < LANES)
+ * first added into lanes 0..tail. */
+static inline float lane_sum(lanes_t v, const float *tail_a, const float *tail_b,
+                             int64_t tail) {
+    if (tail) {
+        float lanes[LANES];
+        store(lanes, v);
+        for (int64_t l = 0; l < tail; l++) lanes[l] += tail_a[l] * tail_b[l];
+        v = load(lanes);
+    }
+    return tree(v);
+}
 
 /* The dot product in LANES lanes: lane l sums a[j] * b[j] for j = l mod LANES in
  * order, the last n mod LANES products into lanes 0.. after the others. */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    lanes_t acc = {0};
+    lanes_t acc = zero();
     int64_t j = 0;
-    for (; j + LANES <= n; j += LANES) acc += load(a + j) * load(b + j);
+    for (; j + LANES <= n; j += LANES) acc = mul_add(acc, load(a + j), load(b + j));
     return lane_sum(acc, a + j, b + j, n - j);
 }
 
@@ -92,11 +158,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 static inline void dots(const float *a, const float *keys, int64_t stride, int64_t n,
                         float *out) {
     lanes_t acc[POSITIONS];
-    for (int p = 0; p < POSITIONS; p++) acc[p] = (lanes_t){0};
+    for (int p = 0; p < POSITIONS; p++) acc[p] = zero();
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
         lanes_t x = load(a + j);
-        for (int p = 0; p < POSITIONS; p++) acc[p] += x * load(keys + p * stride + j);
+        for (int p = 0; p < POSITIONS; p++) acc[p] = mul_add(acc[p], x, load(keys + p * stride + j));
     }
     for (int p = 0; p < POSITIONS; p++)
         out[p] = lane_sum(acc[p], a + j, keys + p * stride + j, n - j);
@@ -109,14 +175,14 @@ static inline void grouped_dots(const float *queries, int64_t dim, const float *
                                 int64_t stride, int64_t n, float *out, int64_t length) {
     lanes_t acc[GROUPS][SHARED];
     for (int g = 0; g < GROUPS; g++)
-        for (int p = 0; p < SHARED; p++) acc[g][p] = (lanes_t){0};
+        for (int p = 0; p < SHARED; p++) acc[g][p] = zero();
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
         lanes_t k[SHARED];
         for (int p = 0; p < SHARED; p++) k[p] = load(keys + p * stride + j);
         for (int g = 0; g < GROUPS; g++) {
             lanes_t q = load(queries + g * dim + j);
-            for (int p = 0; p < SHARED; p++) acc[g][p] += q * k[p];
+            for (int p = 0; p < SHARED; p++) acc[g][p] = mul_add(acc[g][p], q, k[p]);
         }
     }
     for (int g = 0; g < GROUPS; g++)
@@ -131,7 +197,7 @@ static inline void weighted_block(const float *scores, int64_t length, int64_t c
                                   const float *values, int64_t stride, int64_t from,
                                   int64_t c0, lanes_t sums[GROUPS][BLOCKS]) {
     for (int g = 0; g < GROUPS; g++)
-        for (int b = 0; b < BLOCKS; b++) sums[g][b] = (lanes_t){0};
+        for (int b = 0; b < BLOCKS; b++) sums[g][b] = zero();
     for (int64_t t = from; t < length; t++) {
         const float *v = values + t * stride + c0;
         lanes_t row[BLOCKS];
@@ -139,11 +205,11 @@ static inline void weighted_block(const float *scores, int64_t length, int64_t c
         if (count == GROUPS) {
             for (int g = 0; g < GROUPS; g++) {
                 float w = scores[g * length + t];
-                for (int b = 0; b < BLOCKS; b++) sums[g][b] += w * row[b];
+                for (int b = 0; b < BLOCKS; b++) sums[g][b] = scale_add(sums[g][b], w, row[b]);
             }
         } else {
             float w = scores[t];
-            for (int b = 0; b < BLOCKS; b++) sums[0][b] += w * row[b];
+            for (int b = 0; b < BLOCKS; b++) sums[0][b] = scale_add(sums[0][b], w, row[b]);
         }
     }
 }
@@ -201,7 +267,7 @@ static void attend_pair(const float *q, int64_t q_stride, const float *keys,
             for (int64_t g = 0; g < count; g++) {
                 float *o = out + (g0 + g) * o_stride + c0;
                 float column[BLOCKS * LANES];
-                memcpy(column, sums[g], sizeof column);
+                for (int b = 0; b < BLOCKS; b++) store(column + b * LANES, sums[g][b]);
                 for (int c = 0; c < BLOCKS * LANES; c++)
                     o[c] = from >= length ? 0.0f : column[c] / totals[g0 + g];
             }
