@@ -82,6 +82,48 @@ def test_the_kernel_gives_the_bits_of_the_one_the_cache_was_written_with(
     assert torch.equal(got, expected)
 
 
+@pytest.fixture(scope="module")
+def portable_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The current kernel built without -march=native: on x86 a build without AVX2, whose
+    16-lane values are one GCC vector where an AVX2 build holds two 8-float halves."""
+    cc = native.compiler()
+    assert cc is not None
+    directory = tmp_path_factory.mktemp("portable")
+    flags = native_attention.PORTABLE_FLAGS
+    return native_attention.build_kernel(directory, cc, flags=flags)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    groups=st.sampled_from([1, 4, 5]),
+    dim=st.sampled_from([7, 33, 256]),
+    value_dim=st.sampled_from([None, 5, 80]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_portable_build_gives_the_same_bits(
+    reference_kernel: ctypes.CDLL,
+    portable_kernel: ctypes.CDLL,
+    lengths: list[int],
+    groups: int,
+    dim: int,
+    value_dim: int | None,
+    seed: int,
+) -> None:
+    """Whatever the CPU, each build's vector layout sums every lane alike: a cache written
+    on one machine stays valid on another."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads = len(lengths), 2 * groups
+    width = max(lengths) + 3
+    query = torch.randn(rows, heads, 1, dim, generator=generator) * 3.0
+    key = torch.randn(rows, 2, width, dim, generator=generator)
+    value = torch.randn(rows, 2, width, value_dim or dim, generator=generator)
+    first = np.array([width - n for n in lengths])
+    got = _with_kernel(portable_kernel, query, key, value, first, 0.3, threads=2)
+    expected = _with_kernel(reference_kernel, query, key, value, first, 0.3, threads=1)
+    assert torch.equal(got, expected)
+
+
 def test_a_mutated_kernel_is_told_apart(reference_kernel: ctypes.CDLL) -> None:
     """The comparison above can fail: the same attention with its scale rounded the
     other way differs from the reference in the last bits."""

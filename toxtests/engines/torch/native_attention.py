@@ -34,13 +34,17 @@ _tried = False
 _lock = threading.Lock()
 
 
-def build_kernel(cache_dir: Path, cc: str, source: Path = SOURCE) -> ctypes.CDLL:
-    """`source` compiled into `cache_dir` (natively where the compiler can, else
-    portably) and loaded, its entry point declared; the last failure is raised."""
+def build_kernel(
+    cache_dir: Path, cc: str, source: Path = SOURCE, flags: tuple[str, ...] | None = None
+) -> ctypes.CDLL:
+    """`source` compiled into `cache_dir` (with `flags`; by default natively where the
+    compiler can, else portably) and loaded, its entry point declared; the last failure
+    is raised."""
     failure: Exception | None = None
-    for flags in (FLAGS, PORTABLE_FLAGS):  # some compilers lack -march=native
+    # some compilers lack -march=native
+    for tried in (flags,) if flags else (FLAGS, PORTABLE_FLAGS):
         try:
-            library = ctypes.CDLL(str(native.build(cache_dir, cc, source, flags)))
+            library = ctypes.CDLL(str(native.build(cache_dir, cc, source, tried)))
             break
         except (OSError, RuntimeError) as exc:
             failure = exc
