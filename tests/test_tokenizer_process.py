@@ -222,6 +222,99 @@ def test_a_kept_tokenizer_loads_without_transformers_and_answers_as_it(tiny, tmp
     second.close()
 
 
+def test_a_kept_tokenizer_told_the_prompts_ahead_loads_its_backend_before_asked(
+    tiny, tmp_path
+) -> None:  # noqa: ANN001
+    """Told the run's prompts as it starts (`expected`) or later (`expect`), a kept child
+    loads the whole backend at once where a prompt was not kept, so that the decode loop
+    never waits for it at its first prompt, and only then: for kept prompts it stays with
+    the decode-only copy. A chat template to apply loads the real tokenizer instead. The
+    answers are transformers' every time."""
+    from toxtests.engines.torch.tokenizer_process import load_padded_tokenizer
+
+    source, options = str(tiny.base), {"local_files_only": True}
+    real = load_padded_tokenizer(source, options)
+    kept_in = tmp_path / "kept"
+    _keep(source, kept_in, TEXTS[:2])
+
+    def parts(expected, later=None) -> list[str]:  # noqa: ANN001
+        child = TokenizerProcess(source, options, keep_in=str(kept_in), expected=expected)
+        if later is not None:
+            child.expect(*later)
+        child.wait_ready()
+        assert child.loaded_from == "kept"
+        loaded = child.loaded_parts()  # before any prompt is encoded
+        _same_answers(child, real, TEXTS)
+        child.close()
+        return loaded
+
+    assert parts(None) == ["decoder"]
+    assert parts((TEXTS[:2], False)) == ["decoder"]  # all kept: nothing more to load
+    assert "encoder" in parts((TEXTS, False))
+    assert "encoder" in parts((TEXTS, "auto"))  # a tokenizer without a chat template
+    assert "encoder" in parts(None, later=(TEXTS, False))
+    assert "real" in parts((TEXTS[:2], True))  # the template is transformers' to apply
+    # A kept backend damaged since: the prompts go to the real tokenizer, as before.
+    backend = kept_in / "backend.json"
+    backend.write_bytes(backend.read_bytes().replace(b'"', b"'", 1))
+    assert "encoder" not in parts((TEXTS, False))
+
+
+def test_prompts_a_kept_tokenizer_encodes_are_kept_for_the_next_run(
+    tiny, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """A run on prompts the keeping run did not see adds them to the kept ones as it
+    generates (`keep_after_encoding`), so a second adapter on the same prompts needs only
+    the decode-only copy; a damaged prompts.json keeps nothing (the backend encodes
+    again, with the same answers, and keeps them anew); at the limit a run's own prompts
+    stay first."""
+    import json
+
+    from toxtests.engines.torch import tokenizer_process
+    from toxtests.engines.torch.tokenizer_process import KeptTokenizer, load_padded_tokenizer
+
+    source, options = str(tiny.base), {"local_files_only": True}
+    real = load_padded_tokenizer(source, options)
+    kept_in = tmp_path / "kept"
+    _keep(source, kept_in, TEXTS[:2])
+    second = TokenizerProcess(source, options, keep_in=str(kept_in), expected=(TEXTS, False))
+    for text in TEXTS:
+        second(text)
+    second.keep_after_encoding()
+    second.wait_ready()
+    second.close()
+    third = TokenizerProcess(source, options, keep_in=str(kept_in), expected=(TEXTS, False))
+    third.wait_ready()
+    assert third.loaded_parts() == ["decoder"]
+    _same_answers(third, real, TEXTS)
+    third.close()
+
+    prompts = kept_in / "prompts.json"
+    stored = json.loads(prompts.read_text())
+    assert set(stored["prompts"]) == set(TEXTS)
+    stored["prompts"][TEXTS[0]] = [1, 2, 3]  # ids that are not the text's
+    prompts.write_text(json.dumps(stored))
+    fourth = TokenizerProcess(source, options, keep_in=str(kept_in), expected=(TEXTS, False))
+    fourth.wait_ready()
+    assert "encoder" in fourth.loaded_parts()
+    _same_answers(fourth, real, TEXTS)
+    fourth.keep_after_encoding()  # keeps them anew
+    fourth.wait_ready()
+    fourth.close()
+    healed = json.loads(prompts.read_text())["prompts"]
+    assert healed == {text: list(real(text)["input_ids"]) for text in TEXTS}
+
+    monkeypatch.setattr(tokenizer_process, "KEPT_PROMPT_LIMIT", 3)
+    kept = KeptTokenizer.load(str(kept_in), lambda: real)
+    assert kept is not None
+    newest = ["a prompt no run saw", "another one"]
+    for text in newest:
+        assert kept(text)["input_ids"] == list(real(text)["input_ids"])
+    kept.keep_prompts()
+    now_kept = json.loads(prompts.read_text())["prompts"]
+    assert len(now_kept) == 3 and set(newest) <= set(now_kept)
+
+
 def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(
     tiny, tmp_path, monkeypatch
 ) -> None:  # noqa: ANN001
@@ -314,6 +407,74 @@ def test_the_engine_keeps_the_tokenizer_for_the_next_gate(tiny, tmp_path) -> Non
             shutil.copytree(tmp_path / "first" / "models", tmp_path / "second" / "models")
     assert sources == ["real", "kept"]
     assert texts[0] == texts[1]
+
+
+def test_a_gate_tells_its_tokenizer_the_prompts_before_importing_torch(
+    tiny, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """`toxtests gate` in a cache whose `models/` an earlier gate on other prompts kept
+    the tokenizer in: the engine is told the prompts (`TorchEngine.expect`) before it is
+    described (which imports torch), its child is started with them and has its whole
+    backend loaded before the first prompt is encoded; the gate's prompts are then kept
+    for the next gate, and the results are those of a gate with a fresh tokenizer."""
+    import json
+
+    from toxtests.cli import main
+    from toxtests.engines.torch.engine import TorchEngine
+    from toxtests.engines.torch.load import PendingTokenizer
+    from toxtests.engines.torch.loop import Generator
+    from toxtests.prompts import load_prompts
+
+    prompts = [p.text for p in load_prompts(str(tiny.prompts)).prompts]
+    first = tmp_path / "first"
+    _keep(str(tiny.base), first / "kept", TEXTS[:2])  # as if an earlier gate kept it
+    calls: list[str] = []
+    parts: list[list[str]] = []
+    for name in ("expect", "describe"):
+        original = getattr(TorchEngine, name)
+
+        def recorded(self, *args, _original=original, _name=name):  # noqa: ANN001, ANN002, ANN202
+            calls.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(TorchEngine, name, recorded)
+    original_init = Generator.__init__
+
+    def remember_parts(self, model, tokenizer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        child = tokenizer.resolve() if isinstance(tokenizer, PendingTokenizer) else tokenizer
+        parts.append(child.loaded_parts())  # as the loop first gets it
+        original_init(self, model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "__init__", remember_parts)
+
+    def gate(cache: Path, report: Path) -> dict:
+        args = ["gate", "--model", str(tiny.base), "--prompts", str(tiny.prompts)]
+        args += ["--adapter", str(tiny.toxic), "--thresholds", str(tiny.thresholds)]
+        args += ["--cache-dir", str(cache), "--json", str(report), "--quiet"]
+        args += ["--report", str(report.with_suffix(".html"))]
+        assert main(args) in (0, 1)
+        return json.loads(report.read_text())
+
+    kept_gate = tmp_path / "kept-gate"
+    (kept_gate / "models" / "tokenizers").mkdir(parents=True)
+    from toxtests.engines.torch.load import kept_directory
+    from toxtests.models import resolve_model
+
+    _, _, fingerprint = resolve_model(str(tiny.base), kept_gate)
+    where = kept_directory(
+        kept_gate, fingerprint, {"local_files_only": True, "trust_remote_code": False}
+    )
+    shutil.copytree(first / "kept", where)
+    kept_result = gate(kept_gate, tmp_path / "kept.json")
+    assert calls[:2] == ["expect", "describe"]
+    assert parts and "encoder" in parts[0]
+    kept_prompts = json.loads((where / "prompts.json").read_text())["prompts"]
+    assert set(prompts) <= set(kept_prompts)
+    monkeypatch.setenv("TOXTESTS_KEPT_TOKENIZER", "0")
+    fresh_result = gate(tmp_path / "fresh", tmp_path / "fresh.json")
+    assert [a["metrics"] for a in kept_result["adapters"]] == [
+        a["metrics"] for a in fresh_result["adapters"]
+    ]
 
 
 @pytest.mark.slow

@@ -143,7 +143,11 @@ class Engine(Protocol):
     """What the gate needs from a generation back-end.
 
     Construction is cheap: weights load (or a server is contacted) on first use, so a
-    fully cached re-run never loads a model.
+    fully cached re-run never loads a model. Optional, looked up with `getattr`:
+    `generate_together` (below), `prepare(variant, settings)` (load before generation
+    is timed) and `expect(prompts, settings)` (a hint, before anything else is asked,
+    of the prompts the run may generate for: the torch engine's tokenizer gets ready
+    for them while torch is imported).
     """
 
     def describe(self) -> EngineInfo:

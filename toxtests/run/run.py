@@ -470,6 +470,7 @@ class GateRun:
 
     def result(self, created: str | None = None) -> RunResult:
         """The whole run: what the report and the JSON file show."""
+        self.store.expect(self.prompts)  # before anything describes the engine
         adapters = [self.adapter_result(i) for i in range(len(self.adapters))]
         verdict = overall_verdict([a.verdict for a in adapters])
         fingerprints = self.fingerprints()

@@ -192,6 +192,7 @@ class GenerationStore:
 
     def scores(self, variant: Variant, prompts: Sequence[Prompt], lock: str) -> ShardScores:
         """Generations (cached or made now, under `lock`) and their scores."""
+        self.expect(prompts)
         keys = [self.generation_key(variant, p) for p in prompts]
         generations: list[Any] = [self.cache.get("generations", k) for k in keys]
         if any(g is None for g in generations):
@@ -222,6 +223,7 @@ class GenerationStore:
         `generate_together`: the parent and an adapter of a 128-prompt gate then decode
         256 rows at a time. Every variant's lock is held, taken in one order, so two
         runs never wait on each other."""
+        self.expect(prompts)
         pending = self._pending(variants, prompts)
         if not pending:
             return
@@ -243,10 +245,20 @@ class GenerationStore:
         where the engine can, under each variant's lock on the shard (the locks `scores`
         takes, in one order): a worker generating the parent's shard with one adapter
         makes a worker wanting it with another wait and read it, not generate it again."""
+        self.expect(prompts)
         pending = self._pending(variants, prompts)
         if pending:
             locks = sorted({make_key(lock, keys)[:24] for _, keys in pending})
             self._generate_locked(locks, pending, prompts, lock)
+
+    def expect(self, prompts: Sequence[Prompt]) -> None:
+        """Tell an engine that can use the hint (`TorchEngine.expect`) which prompts it
+        may be asked to generate for, before anything describes it for their keys: that
+        imports torch (~1 s), time its tokenizer can spend on them. Called by the run
+        for all its prompts first, and by each generating call for its own."""
+        expect = getattr(self.engine, "expect", None)
+        if expect is not None:
+            expect(prompts, self.settings)
 
     def _pending(
         self, variants: Sequence[Variant], prompts: Sequence[Prompt]

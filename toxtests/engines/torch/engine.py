@@ -74,11 +74,13 @@ class TorchEngine:
         self._native = True
         self._early_tokenizer: Any = None
         self._tokenizer_started = False
+        self._expected = False  # `expect` passed its hint on
 
-    def _prestart_tokenizer(self) -> None:
+    def _prestart_tokenizer(self, expected: tuple[list[str], bool | str] | None = None) -> None:
         """Start the base's tokenizer loading in its own process before torch is
         imported here (`load.prestart_tokenizer`): for a gate that generates it is ready
-        when the model is, ~1 s sooner; a fully cached run closes it unused."""
+        when the model is, ~1 s sooner; a fully cached run closes it unused. `expected`:
+        the prompts it will encode (`expect`)."""
         if self._tokenizer_started:
             return
         self._tokenizer_started = True
@@ -93,6 +95,7 @@ class TorchEngine:
                 options.model,
                 cache_dir=options.cache_dir,
                 trust_remote_code=options.trust_remote_code,
+                expected=expected,
             )
         except (ToxtestsError, OSError):
             self._early_tokenizer = None  # load_base reports the problem, if it is one
@@ -197,11 +200,12 @@ class TorchEngine:
                 from toxtests.engines.torch.loop import Generator
 
                 if getattr(early, "kept", False):
-                    # Kept by an earlier run, it is about done loading (~0.4-1.5 s from
-                    # the start; the weights were mapped at ~1.3 s): the packing below
-                    # then has every core to itself.
+                    # Kept by an earlier run, it is about done loading (~0.5 s from the
+                    # start, then ~1.2 s more for prompts it did not keep, `expect`; the
+                    # weights were mapped at ~1.3 s): the packing below then has every
+                    # core to itself.
                     with contextlib.suppress(Exception):  # raised again at its first use
-                        early.wait_loaded()
+                        early.wait_ready()
                 self._generators[settings] = Generator(
                     loaded.model, loaded.tokenizer, settings, loaded.device
                 )
@@ -225,6 +229,20 @@ class TorchEngine:
             yield
         finally:
             torch.set_num_threads(threads)
+
+    def expect(self, prompts: Sequence[Prompt], settings: GenerationConfig) -> None:
+        """A hint that these prompts are about to be generated for: the base's tokenizer,
+        starting in its own process before torch is imported here, gets ready to encode
+        them meanwhile (`TokenizerProcess.expect`). Only the first hint is passed on: by
+        the second the tokenizer has what it needs, or is in use."""
+        if self._expected:
+            return
+        self._expected = True
+        expected = ([prompt.text for prompt in prompts], settings.chat_template)
+        if not self._tokenizer_started:
+            self._prestart_tokenizer(expected)  # told as it starts
+        elif self._early_tokenizer is not None:
+            self._early_tokenizer.expect(*expected)
 
     def prepare(self, variant: Variant, settings: GenerationConfig) -> None:
         """Load the model `variant` runs on and its decode loop, so the gate can time

@@ -144,21 +144,29 @@ def load_base(
 
 
 def prestart_tokenizer(
-    spec: str, *, cache_dir: Path | None = None, trust_remote_code: bool = False
+    spec: str,
+    *,
+    cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
+    expected: tuple[list[str], bool | str] | None = None,
 ) -> TokenizerProcess | None:
     """The tokenizer of a local model starting to load in its process now, for
     `load_base(started_tokenizer=...)`: started before this process imports torch (~1 s),
     it is ready when the native decoder is (Gemma 3's takes ~2.4 s to load; kept by an
     earlier run in this cache directory, `tokenizer_process.keep_tokenizer`, ~0.4 s on
     that run's prompts, ~1.5 s on others). None where the model is not local or its
-    tokenizer is small. Close it if it goes unused."""
+    tokenizer is small. Close it if it goes unused. `expected`: the prompts it will
+    encode and the chat_template setting (`TokenizerProcess.expect`)."""
     cache_dir = cache_dir or default_cache_dir()
     source, kind, fingerprint = resolve_model(spec, cache_dir)
     if kind == "hub":
         return None
     options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     return start_tokenizer(
-        source, options, keep_in=str(kept_directory(cache_dir, fingerprint, options))
+        source,
+        options,
+        keep_in=str(kept_directory(cache_dir, fingerprint, options)),
+        expected=expected,
     )
 
 
@@ -217,7 +225,10 @@ def _worth_a_child(source: str) -> bool:
 
 
 def start_tokenizer(
-    source: str, options: dict[str, Any], keep_in: str | None = None
+    source: str,
+    options: dict[str, Any],
+    keep_in: str | None = None,
+    expected: tuple[list[str], bool | str] | None = None,
 ) -> TokenizerProcess | None:
     """The tokenizer loading in a child process where it is large; None where it is
     small or no child can start (it then loads here, after the weights). `keep_in`: where
@@ -225,7 +236,7 @@ def start_tokenizer(
     if not _worth_a_child(source):
         return None
     try:
-        return TokenizerProcess(source, options, keep_in=keep_in)
+        return TokenizerProcess(source, options, keep_in=keep_in, expected=expected)
     except OSError as exc:
         notice(
             f"the tokenizer process could not start ({exc}); "

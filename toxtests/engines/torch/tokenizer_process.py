@@ -14,7 +14,9 @@ While the engine generates, the child keeps its tokenizer for the next run in th
 directory (`keep_tokenizer`: the backend as transformers built it, a decode-only copy,
 the prompts' ids, each checked against transformers' answers). A later child loads that
 with the `tokenizers` library alone (`KeptTokenizer`) and never imports transformers
-unless asked for something the kept files do not hold (a chat template to render).
+unless asked for something the kept files do not hold (a chat template to render). The
+engine tells the child which prompts are coming before it imports torch (`expect`), so
+that prompts no earlier run kept are ready by the time the decode loop asks for them.
 """
 
 from __future__ import annotations
@@ -63,11 +65,17 @@ class TokenizerProcess:
     are called remotely, and a mapping result (`tokenizer(text)`) comes back as a dict."""
 
     def __init__(
-        self, source: str, load_options: Mapping[str, Any], keep_in: str | None = None
+        self,
+        source: str,
+        load_options: Mapping[str, Any],
+        keep_in: str | None = None,
+        expected: tuple[list[str], bool | str] | None = None,
     ) -> None:
         """`keep_in`: a directory where an earlier run kept this tokenizer, loaded from
         there with `tokenizers` alone (`KeptTokenizer`) where it is; else where the child
-        keeps it for later runs (`keep_tokenizer`) once asked to (`keep_after_encoding`)."""
+        keeps it for later runs (`keep_tokenizer`) once asked to (`keep_after_encoding`).
+        `expected`: the prompts the run is about to encode and its chat_template setting,
+        as `expect` takes them, known before the child starts."""
         self._source = source
         self._values: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -94,7 +102,7 @@ class TokenizerProcess:
             env=environment,
         )
         self._finalizer = weakref.finalize(self, _stop, self._child, self._state)
-        _send(self._child.stdin, pickle.dumps((source, dict(load_options), keep_in)))
+        _send(self._child.stdin, pickle.dumps((source, dict(load_options), keep_in, expected)))
 
     def wait_loaded(self) -> None:
         """Block until the child has loaded the tokenizer; raise its error if it failed."""
@@ -135,6 +143,35 @@ class TokenizerProcess:
             self._unanswered -= 1
             with contextlib.suppress(TokenizerProcessError):
                 self._reply()  # keeping failed: later runs load it as this one did
+
+    def expect(self, texts: list[str], chat_template: bool | str) -> None:
+        """Tell the child, without waiting, which prompts the run is about to encode, so
+        that it gets ready for them while this process imports torch and packs weights:
+        a kept tokenizer loads its whole backend for prompts the keeping run did not
+        see (Gemma 3's: ~1.2 s, else spent at the first prompt's encoding, with the
+        decode loop waiting), and a chat template loads the real tokenizer. `chat_template`
+        is the run's setting (true, false or "auto"). `wait_ready` waits for it. Known
+        before the child starts, they are better given to it then (`expected`): a kept
+        tokenizer then loads its whole backend in place of its decode-only copy."""
+        with self._lock:
+            if self._failure is not None:
+                return
+            request: tuple = ("expect", "", (list(texts), chat_template), {})
+            _send(self._child.stdin, pickle.dumps(request))
+            self._unanswered += 1
+
+    def wait_ready(self) -> None:
+        """`wait_loaded`, then wait for what the child was asked to do without waiting
+        (`expect`, `keep_after_encoding`): afterwards it answers at once."""
+        self.wait_loaded()
+        with self._lock:
+            self._drain()
+
+    def loaded_parts(self) -> list[str]:
+        """What the child has loaded: "real" (transformers' tokenizer), or for a kept one
+        "decoder" and, once it has encoded a prompt the keeping run did not see,
+        "encoder" (and "real" once something needed it)."""
+        return list(self._request("parts", ""))
 
     def keep_after_encoding(self) -> None:
         """Ask the child, once, to keep its tokenizer for later runs (`keep_tokenizer`)
@@ -254,10 +291,18 @@ def _answer(tokenizer: Any, kind: str, name: str, args: tuple, kwargs: dict) -> 
     attribute's value is ("callable", None) for a method, else ("value", its value)."""
     try:
         if kind == "keep":  # name: the directory; args: the texts encoded
-            if isinstance(tokenizer, KeptTokenizer):
-                return pickle.dumps(("ok", None))  # loaded from there
+            if isinstance(tokenizer, KeptTokenizer):  # loaded from there
+                tokenizer.keep_prompts()
+                return pickle.dumps(("ok", None))
             _lowest_priority()
             return pickle.dumps(("ok", keep_tokenizer(tokenizer, name, *args)))
+        if kind == "expect":  # args: the texts, the chat_template setting
+            if isinstance(tokenizer, KeptTokenizer):
+                tokenizer.expect(*args)
+            return pickle.dumps(("ok", None))
+        if kind == "parts":
+            parts = tokenizer.parts() if isinstance(tokenizer, KeptTokenizer) else ["real"]
+            return pickle.dumps(("ok", parts))
         if kind == "attr":
             value = getattr(tokenizer, name)
             answer: Any = ("callable", None) if callable(value) else ("value", value)
@@ -286,11 +331,15 @@ ENCODING_METHODS = frozenset(
         "set_truncation_and_padding",
     }
 )  # fmt: skip
-KEPT_FORMAT = 2
+# 3: prompts.json in a file of its own (checked by its own checksum), so that a later
+# run can add the prompts it encoded to it.
+KEPT_FORMAT = 3
 # TOXTESTS_KEPT_TOKENIZER=0: always load the real tokenizer (to compare the two).
 KEPT_VARIABLE = "TOXTESTS_KEPT_TOKENIZER"
 KEPT_BACKEND, KEPT_DECODER, KEPT_PROMPTS = "backend.json", "decoder.json", "prompts.json"
 KEPT_INDEX = "kept.json"
+# At most this many prompts' ids are kept: a run's own prompts first, then earlier ones.
+KEPT_PROMPT_LIMIT = 4096
 
 
 def _lowest_priority() -> None:
@@ -369,7 +418,6 @@ def keep_tokenizer(tokenizer: Any, directory: str, texts: list[str]) -> str | No
     files = {
         KEPT_BACKEND: backend.to_str().encode("utf-8"),
         KEPT_DECODER: _decoder_json(backend).encode("utf-8"),
-        KEPT_PROMPTS: json.dumps({text: backend.encode(text).ids for text in texts}).encode(),
     }
     index = {
         "format": KEPT_FORMAT,
@@ -383,8 +431,40 @@ def keep_tokenizer(tokenizer: Any, directory: str, texts: list[str]) -> str | No
     os.makedirs(directory, exist_ok=True)
     for name, payload in files.items():
         _atomic_write(os.path.join(directory, name), payload)
+    prompts = {text: backend.encode(text).ids for text in texts}
+    _atomic_write(os.path.join(directory, KEPT_PROMPTS), _prompts_file(prompts))
     _atomic_write(os.path.join(directory, KEPT_INDEX), encoded_index)  # last: complete
     return None
+
+
+def _prompts_file(prompts: Mapping[str, list[int]]) -> bytes:
+    """prompts.json: each kept prompt's ids with the checksum of them all, so that it
+    can be replaced on its own (`KeptTokenizer.keep_prompts`) and checked on its own."""
+    import hashlib
+    import json
+
+    body = json.dumps(prompts, sort_keys=True)
+    checksum = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return json.dumps({"sha256": checksum, "prompts": json.loads(body)}).encode("utf-8")
+
+
+def _read_prompts(path: str) -> dict[str, list[int]]:
+    """The prompts a prompts.json keeps (`_prompts_file`); a damaged one keeps none."""
+    import hashlib
+    import json
+
+    try:
+        with open(path, "rb") as handle:
+            stored = json.loads(handle.read())
+        prompts = stored["prompts"]
+        body = json.dumps(prompts, sort_keys=True)
+        if hashlib.sha256(body.encode("utf-8")).hexdigest() != stored["sha256"]:
+            return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(prompts, dict):
+        return {}
+    return prompts
 
 
 def _decoder_json(backend: Any) -> str:
@@ -426,13 +506,24 @@ def _decoder_json(backend: Any) -> str:
 
 class KeptTokenizer:
     """A tokenizer kept by an earlier run (`keep_tokenizer`), loaded with `tokenizers`
-    alone, without transformers. It answers the prompts that run encoded from their kept
-    ids and decodes with the decode-only backend (Gemma 3's ready in ~0.4 s instead of
-    ~2.2 s); a prompt not seen then loads the whole kept backend (~1.1 s), which encodes
-    as transformers did with it. The attributes kept with it are answered; anything else
-    (a chat template to render, the vocabulary) loads the real tokenizer first."""
+    alone, without transformers. It answers the prompts earlier runs encoded from their
+    kept ids and decodes with the decode-only backend (Gemma 3's ready in ~0.5 s instead
+    of ~2.2 s); a prompt not seen then loads the whole kept backend (~1.2 s), which
+    encodes as transformers did with it, and is kept for the next run (`keep_prompts`).
+    Told the prompts ahead (`expect`), it loads that backend before it is asked. The
+    attributes kept with it are answered; anything else (a chat template to render, the
+    vocabulary) loads the real tokenizer first."""
 
-    def __init__(self, directory: str, index: dict[str, Any], load_real: Any):
+    def __init__(
+        self,
+        directory: str,
+        index: dict[str, Any],
+        load_real: Any,
+        expected: tuple[list[str], bool | str] | None = None,
+    ):
+        """`expected`: the prompts the run will encode and its chat_template setting
+        (`TokenizerProcess`): where one was not kept, the whole backend loads now and
+        decodes too (its decode-only copy gives the same text), not after the copy."""
         from tokenizers import Tokenizer
 
         self._directory = directory
@@ -441,10 +532,18 @@ class KeptTokenizer:
         self._load_real = load_real
         self._real: Any = None
         self._encoder: Any = None
-        self._decoder = Tokenizer.from_str(self._read(KEPT_DECODER).decode("utf-8"))
-        import json
-
-        self._prompts: dict[str, list[int]] = json.loads(self._read(KEPT_PROMPTS))
+        self._prompts = _read_prompts(os.path.join(directory, KEPT_PROMPTS))
+        self._added: dict[str, list[int]] = {}  # encoded here: kept too (`keep_prompts`)
+        if expected is not None and self._unkept(*expected):
+            with contextlib.suppress(Exception):  # damaged: the real tokenizer encodes
+                self._load_encoder()
+        self._decoder = (
+            self._encoder
+            if self._encoder is not None
+            else Tokenizer.from_str(self._read(KEPT_DECODER).decode("utf-8"))
+        )
+        if expected is not None:
+            self.expect(*expected)
 
     def _read(self, name: str) -> bytes:
         """A kept file's bytes, checked against the checksum kept with them."""
@@ -457,7 +556,12 @@ class KeptTokenizer:
         return payload
 
     @classmethod
-    def load(cls, directory: str, load_real: Any) -> KeptTokenizer | None:
+    def load(
+        cls,
+        directory: str,
+        load_real: Any,
+        expected: tuple[list[str], bool | str] | None = None,
+    ) -> KeptTokenizer | None:
         """The tokenizer kept in `directory`, or None if none is (or it is damaged)."""
         import json
 
@@ -470,7 +574,7 @@ class KeptTokenizer:
                 or not isinstance(index.get("sha256"), dict)
             ):
                 return None
-            return cls(directory, index, load_real)
+            return cls(directory, index, load_real, expected)
         except Exception:  # noqa: BLE001 - nothing usable kept: the real tokenizer loads
             return None
 
@@ -485,16 +589,71 @@ class KeptTokenizer:
             return ids
         if self._encoder is None:
             try:
-                from tokenizers import Tokenizer
-
-                encoder = Tokenizer.from_str(self._read(KEPT_BACKEND).decode("utf-8"))
-                encoder.no_padding()
-                encoder.no_truncation()
-                encoder.encode_special_tokens = bool(self._attributes.get("split_special_tokens"))
-                self._encoder = encoder
+                self._load_encoder()
             except Exception:  # noqa: BLE001 - damaged since: the real tokenizer encodes
                 return list(self.real()(text)["input_ids"])
-        return list(self._encoder.encode(text).ids)
+        ids = list(self._encoder.encode(text).ids)
+        self._prompts[text] = self._added[text] = ids
+        return ids
+
+    def keep_prompts(self) -> None:
+        """Add the prompts this run encoded with the kept backend to the kept ones, so
+        that the next run on them (a second adapter on the same prompts) needs only the
+        decode-only copy: the ids are the backend's, which the keeping run checked
+        against transformers. Another run may have added its own since: they stay too,
+        after this run's, within `KEPT_PROMPT_LIMIT`."""
+        if not self._added:
+            return
+        path = os.path.join(self._directory, KEPT_PROMPTS)
+        merged = dict(self._added)
+        for text, ids in _read_prompts(path).items():
+            if len(merged) >= KEPT_PROMPT_LIMIT:
+                break
+            merged.setdefault(text, ids)
+        self._added = {}
+        with contextlib.suppress(OSError):  # not kept: the next run encodes them again
+            _atomic_write(path, _prompts_file(merged))
+
+    def _uses_template(self, chat_template: bool | str) -> bool:
+        """`toxtests.engines.base.uses_chat_template`, repeated here: this process
+        imports no toxtests."""
+        return chat_template is True or (
+            chat_template == "auto" and bool(self._attributes.get("chat_template"))
+        )
+
+    def _unkept(self, texts: list[str], chat_template: bool | str) -> list[str]:
+        """The texts among `texts` that the kept backend will have to encode."""
+        if self._uses_template(chat_template):
+            return []
+        return [text for text in texts if isinstance(text, str) and text not in self._prompts]
+
+    def expect(self, texts: list[str], chat_template: bool | str) -> None:
+        """Load now what encoding `texts` will need: the real tokenizer where they go
+        through a chat template, else the kept backend where one of them was not kept.
+        Their ids are then answered at once."""
+        if self._uses_template(chat_template):
+            self.real()
+            return
+        for text in self._unkept(texts, chat_template):
+            self._encode(text)
+
+    def _load_encoder(self) -> None:
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_str(self._read(KEPT_BACKEND).decode("utf-8"))
+        encoder.no_padding()
+        encoder.no_truncation()
+        encoder.encode_special_tokens = bool(self._attributes.get("split_special_tokens"))
+        self._encoder = encoder
+
+    def parts(self) -> list[str]:
+        """What is loaded (`TokenizerProcess.loaded_parts`)."""
+        loaded = ["decoder"]
+        if self._encoder is not None:
+            loaded.append("encoder")
+        if self._real is not None:
+            loaded.append("real")
+        return loaded
 
     def __call__(self, text: Any, **kwargs: Any) -> Any:
         if kwargs or not isinstance(text, str):
@@ -523,11 +682,13 @@ class KeptTokenizer:
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # what the libraries print must not enter the protocol
-    source, options, kept_in = _receive(stdin)
+    source, options, kept_in, expected = _receive(stdin)
     try:
         tokenizer: Any = None
         if kept_in and os.environ.get(KEPT_VARIABLE, "1") != "0":
-            tokenizer = KeptTokenizer.load(kept_in, lambda: load_padded_tokenizer(source, options))
+            tokenizer = KeptTokenizer.load(
+                kept_in, lambda: load_padded_tokenizer(source, options), expected
+            )
         if tokenizer is None:
             tokenizer = load_padded_tokenizer(source, options)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
