@@ -413,10 +413,19 @@ def _timed_process(
 
 
 def cold_cache(cache: Path, model_dir: str) -> Path:
-    """A cache directory with nothing generated in it that shares the converted model."""
+    """A cache directory with nothing generated in it that shares the converted model,
+    as a CI runner's cached `models/` would: its tokenizer kept by earlier runs, but not
+    on these prompts (copied without the prompts it kept: a gate adds its own there)."""
+    from toxtests.engines.torch.tokenizer_process import KEPT_PROMPTS
+
     (cache / "models").mkdir(parents=True)
     for entry in Path(model_dir).parent.iterdir():
-        (cache / "models" / entry.name).symlink_to(entry)
+        if entry.name == "tokenizers" and entry.is_dir():
+            shutil.copytree(entry, cache / "models" / entry.name)
+            for kept in (cache / "models" / entry.name).glob(f"*/{KEPT_PROMPTS}"):
+                kept.unlink()
+        else:
+            (cache / "models" / entry.name).symlink_to(entry)
     return cache
 
 
