@@ -99,6 +99,20 @@ def test_a_tokenizer_that_cannot_load_is_a_model_load_error(tiny, tmp_path) -> N
         load_base(str(broken), cache_dir=tmp_path, device="cpu")
 
 
+def test_prompts_told_to_a_child_that_failed_wait_for_its_error(tiny, tmp_path) -> None:  # noqa: ANN001
+    """A child whose tokenizer cannot load has ended by the time the gate tells it its
+    prompts: telling it does not raise, and waiting for it raises the child's error."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.base, broken)
+    (broken / "tokenizer.json").write_text("{ this is not a tokenizer")
+    child = TokenizerProcess(str(broken), {"local_files_only": True})
+    child._child.wait(timeout=60)  # ended, its pipe closed
+    child.expect(TEXTS, False)
+    with pytest.raises(TokenizerProcessError):
+        child.wait_ready()
+    child.close()
+
+
 def test_a_killed_gate_leaves_no_tokenizer_process_behind(tiny) -> None:  # noqa: ANN001
     """The child reads its requests from the parent's pipe: a parent killed outright
     (no finalizer runs) closes it, and the child ends instead of lingering."""

@@ -157,7 +157,10 @@ class TokenizerProcess:
             if self._failure is not None:
                 return
             request: tuple = ("expect", "", (list(texts), chat_template), {})
-            _send(self._child.stdin, pickle.dumps(request))
+            try:
+                _send(self._child.stdin, pickle.dumps(request))
+            except OSError:  # the child has ended: `wait_loaded` says why
+                return
             self._unanswered += 1
 
     def wait_ready(self) -> None:
