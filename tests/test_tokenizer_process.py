@@ -327,6 +327,11 @@ def test_prompts_a_kept_tokenizer_encodes_are_kept_for_the_next_run(
     kept.keep_prompts()
     now_kept = json.loads(prompts.read_text())["prompts"]
     assert len(now_kept) == 3 and set(newest) <= set(now_kept)
+    many = [f"prompt number {n}" for n in range(5)]  # more than the limit in one run
+    for text in many:
+        kept(text)
+    kept.keep_prompts()
+    assert list(json.loads(prompts.read_text())["prompts"]) == sorted(many[:3])
 
 
 def test_a_damaged_or_switched_off_kept_tokenizer_loads_the_real_one(

@@ -608,7 +608,7 @@ class KeptTokenizer:
         if not self._added:
             return
         path = os.path.join(self._directory, KEPT_PROMPTS)
-        merged = dict(self._added)
+        merged = dict(list(self._added.items())[:KEPT_PROMPT_LIMIT])
         for text, ids in _read_prompts(path).items():
             if len(merged) >= KEPT_PROMPT_LIMIT:
                 break
