@@ -11,7 +11,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toxtests.config import GenerationConfig
 from toxtests.engines.base import (
@@ -27,6 +27,9 @@ from toxtests.engines.base import (
 from toxtests.engines.local import LocalTokenizers, local_variants, model_reference
 from toxtests.models import choose_device, choose_dtype, describe_model
 from toxtests.prompts import Prompt
+
+if TYPE_CHECKING:
+    from toxtests.engines.torch.tokenizer_process import Expected
 
 # The generation format: bumped whenever the loop's arithmetic changes the text it
 # produces, so a cache written by an earlier version is never read as this one's.
@@ -76,7 +79,7 @@ class TorchEngine:
         self._tokenizer_started = False
         self._expected = False  # `expect` passed its hint on
 
-    def _prestart_tokenizer(self, expected: tuple[list[str], bool | str] | None = None) -> None:
+    def _prestart_tokenizer(self, expected: Expected | None = None) -> None:
         """Start the base's tokenizer loading in its own process before torch is
         imported here (`load.prestart_tokenizer`): for a gate that generates it is ready
         when the model is, ~1 s sooner; a fully cached run closes it unused. `expected`:
@@ -238,7 +241,7 @@ class TorchEngine:
         if self._expected:
             return
         self._expected = True
-        expected = ([prompt.text for prompt in prompts], settings.chat_template)
+        expected: Expected = ([prompt.text for prompt in prompts], settings.chat_template)
         if not self._tokenizer_started:
             self._prestart_tokenizer(expected)  # told as it starts
         elif self._early_tokenizer is not None:

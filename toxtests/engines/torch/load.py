@@ -19,6 +19,7 @@ from typing import Any
 from toxtests.engines.base import package_version
 from toxtests.engines.torch.tokenizer_process import (
     KEPT_FORMAT,
+    Expected,
     TokenizerProcess,
     TokenizerProcessError,
     TokenizerProcessExited,
@@ -148,7 +149,7 @@ def prestart_tokenizer(
     *,
     cache_dir: Path | None = None,
     trust_remote_code: bool = False,
-    expected: tuple[list[str], bool | str] | None = None,
+    expected: Expected | None = None,
 ) -> TokenizerProcess | None:
     """The tokenizer of a local model starting to load in its process now, for
     `load_base(started_tokenizer=...)`: started before this process imports torch (~1 s),
@@ -228,7 +229,7 @@ def start_tokenizer(
     source: str,
     options: dict[str, Any],
     keep_in: str | None = None,
-    expected: tuple[list[str], bool | str] | None = None,
+    expected: Expected | None = None,
 ) -> TokenizerProcess | None:
     """The tokenizer loading in a child process where it is large; None where it is
     small or no child can start (it then loads here, after the weights). `keep_in`: where

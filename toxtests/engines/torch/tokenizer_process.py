@@ -33,6 +33,9 @@ from collections.abc import Mapping
 from typing import Any
 
 _HEADER = struct.Struct("<Q")
+# The prompts a run is about to encode and its chat_template setting (true, false or
+# "auto"): what `TokenizerProcess.expect` tells the child.
+Expected = tuple[list[str], bool | str]
 
 
 def _send(stream: Any, payload: bytes) -> None:
@@ -69,7 +72,7 @@ class TokenizerProcess:
         source: str,
         load_options: Mapping[str, Any],
         keep_in: str | None = None,
-        expected: tuple[list[str], bool | str] | None = None,
+        expected: Expected | None = None,
     ) -> None:
         """`keep_in`: a directory where an earlier run kept this tokenizer, loaded from
         there with `tokenizers` alone (`KeptTokenizer`) where it is; else where the child
@@ -522,7 +525,7 @@ class KeptTokenizer:
         directory: str,
         index: dict[str, Any],
         load_real: Any,
-        expected: tuple[list[str], bool | str] | None = None,
+        expected: Expected | None = None,
     ):
         """`expected`: the prompts the run will encode and its chat_template setting
         (`TokenizerProcess`): where one was not kept, the whole backend loads now and
@@ -563,7 +566,7 @@ class KeptTokenizer:
         cls,
         directory: str,
         load_real: Any,
-        expected: tuple[list[str], bool | str] | None = None,
+        expected: Expected | None = None,
     ) -> KeptTokenizer | None:
         """The tokenizer kept in `directory`, or None if none is (or it is damaged)."""
         import json
